@@ -123,6 +123,9 @@ impl Phase {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
+    /// Kept as JSON inside the postcard record: the link types skip absent optional fields, which
+    /// a non-self-describing format cannot read back.
+    #[serde(with = "json_inside")]
     pub params: RegistrationParams,
     pub zn: String,
 }
@@ -517,6 +520,14 @@ impl FiscalDrive {
             }
             Phase::PostFiscal | Phase::ReadOnly => self.require_fiscal()?,
         }
+        // Only closing may use the documents kept for closing (RESERVED_FOR_CLOSING).
+        if self.last_fd + RESERVED_FOR_CLOSING >= self.config.capacity {
+            return Err(Self::fn_err(
+                ErrorCode::FN_ARCHIVE_FULL,
+                fn_code::ARCHIVE_FULL,
+                "FN archive is full: close the archive and replace the FN",
+            ));
+        }
         self.check_registration(zn, &p.registration)?;
         let changes = p
             .reasons
@@ -722,7 +733,8 @@ impl FiscalDrive {
     /// Report on the current state of settlements (21).
     pub fn current_state_report(&mut self, now: u32) -> Result<Formed, KktError> {
         self.require_fiscal()?;
-        if self.last_fd >= self.config.capacity {
+        // Only closing may use the documents kept for closing (RESERVED_FOR_CLOSING).
+        if self.last_fd + RESERVED_FOR_CLOSING >= self.config.capacity {
             return Err(Self::fn_err(
                 ErrorCode::FN_ARCHIVE_FULL,
                 fn_code::ARCHIVE_FULL,
@@ -788,6 +800,25 @@ impl FiscalDrive {
     /// Fault knob: ends the service life now.
     pub fn expire(&mut self, now: u32) {
         self.valid_until = Some(now);
+    }
+}
+
+mod json_inside {
+    use serde::de::{DeserializeOwned, Error as _};
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        serde_json::to_string(v)
+            .map_err(S::Error::custom)?
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text).map_err(D::Error::custom)
     }
 }
 

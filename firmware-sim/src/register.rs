@@ -240,3 +240,54 @@ pub fn archived_document(
 
 /// The FFD version this simulator's drives speak.
 pub const FFD: FfdVersion = FfdVersion::V1_2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::kkt::{Call, Operator, RegistrationParams};
+    use protocol::receipt::{Person, TaxationSystem};
+
+    /// The persisted form must read back exactly, with optional fields absent and present.
+    #[test]
+    fn state_round_trips_through_postcard() {
+        let zn = "0000000000000001";
+        for cashier in [
+            None,
+            Some(Person {
+                name: "Иванов".into(),
+                inn: None,
+            }),
+        ] {
+            let mut reg = Register::new(
+                zn.into(),
+                DriveConfig::new("9999078900000001".into(), [1; 32]),
+            );
+            let params = RegistrationParams {
+                rnm: protocol::checksum::rnm("0000000001", "3245001416", zn).expect("rnm"),
+                user_inn: "3245001416".into(),
+                user_name: "ООО".into(),
+                taxation_systems: vec![TaxationSystem::Common],
+                internet: true,
+                encryption: false,
+                ofd: OfdEndpoint {
+                    name: "ОФД".into(),
+                    inn: "7704211201".into(),
+                    host: "127.0.0.1".into(),
+                    port: 7777,
+                },
+                settlement_address: "Москва".into(),
+                settlement_place: "shop".into(),
+                fns_site: "www.nalog.gov.ru".into(),
+                cashier,
+            };
+            assert!(reg.handle(&Call::Register(params), 1_000).reply.is_ok());
+            assert!(reg
+                .handle(&Call::OpenShift(Operator::default()), 1_001)
+                .reply
+                .is_ok());
+            let bytes = postcard::to_allocvec(&reg).expect("encodes");
+            let back: Register = postcard::from_bytes(&bytes).expect("decodes");
+            assert_eq!(back, reg);
+        }
+    }
+}

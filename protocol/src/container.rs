@@ -39,6 +39,8 @@ pub enum FrameError {
     MessageType(u8),
     #[error("FN number {0:?} cannot be written as BCD")]
     FnNumber(String),
+    #[error("FD number {0} does not fit the container's 3-byte field")]
+    FdNumber(u32),
     #[error("body is shorter than a document and its 8-byte message sign")]
     Body,
     #[error("document in the container: {0}")]
@@ -162,6 +164,9 @@ impl Container {
         let len = self.len();
         if len > MAX_CONTAINER_LEN {
             return Err(FrameError::Length(len));
+        }
+        if self.header.fd_number > 0x00FF_FFFF {
+            return Err(FrameError::FdNumber(self.header.fd_number));
         }
         let mut out = Vec::with_capacity(len);
         out.extend_from_slice(&(len as u16).to_le_bytes());

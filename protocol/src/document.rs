@@ -185,7 +185,9 @@ impl<'a> Reader<'a> {
     fn opt_str(&self, tag: u16) -> Result<Option<String>, DocumentError> {
         match self.find(tag) {
             None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.trim_end().to_owned())),
+            // Strip the FN's padding (spaces) and nothing else: a tab, line break or no-break
+            // space at the end is part of the text.
+            Some(Value::String(s)) => Ok(Some(s.trim_end_matches(' ').to_owned())),
             Some(_) => Err(self.wrong(tag)),
         }
     }
