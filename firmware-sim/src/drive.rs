@@ -751,7 +751,8 @@ impl FiscalDrive {
         Ok(self.seal(doc, now))
     }
 
-    /// FN closure report (6): phase 3 → 7, or straight to 15 when nothing is owed to the OFD.
+    /// FN closure report (6): phase 3 → 7; the drive reaches 15 once the OFD has acknowledged
+    /// everything, the closure report included.
     pub fn close_archive(&mut self, now: u32, op: &Operator) -> Result<Formed, KktError> {
         self.require_fiscal()?;
         if self.shift.open {
