@@ -3,11 +3,10 @@
 
 use firmware_sim::drive::{DriveConfig, FiscalDrive};
 use firmware_sim::exchange::{container_for, read_message, sign8, write_message};
+use firmware_sim::fixtures::{ofd_endpoint, registration, DEMO_INN};
 use firmware_sim::ofd::{result_code, DocumentQuery, Ofd};
-use protocol::checksum::rnm;
 use protocol::document::OfdAck;
-use protocol::kkt::{OfdEndpoint, Operator, RegistrationParams};
-use protocol::receipt::TaxationSystem;
+use protocol::kkt::Operator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -16,24 +15,7 @@ const NOW: u32 = 1_796_342_400;
 fn drive_with_documents(n: usize) -> (FiscalDrive, Vec<Vec<u8>>) {
     let mut d = FiscalDrive::new(DriveConfig::new("9999078900000001".into(), [7; 32]));
     let zn = "0000000000000001";
-    let params = RegistrationParams {
-        rnm: rnm("0000000001", "3245001416", zn).unwrap(),
-        user_inn: "3245001416".into(),
-        user_name: "ООО Ромашка".into(),
-        taxation_systems: vec![TaxationSystem::Common],
-        internet: true,
-        encryption: false,
-        ofd: OfdEndpoint {
-            name: "ОФД".into(),
-            inn: "7704211201".into(),
-            host: "127.0.0.1".into(),
-            port: 1,
-        },
-        settlement_address: "Москва".into(),
-        settlement_place: "shop".into(),
-        fns_site: "www.nalog.gov.ru".into(),
-        cashier: None,
-    };
+    let params = registration(zn, DEMO_INN, ofd_endpoint(([127, 0, 0, 1], 1).into())).unwrap();
     let mut docs = vec![d.register(NOW, zn, &params).unwrap().bytes];
     while docs.len() < n {
         let f = if d.shift.open {
@@ -108,43 +90,19 @@ async fn acknowledges_in_order_deduplicates_and_refuses_gaps() {
 
 #[tokio::test]
 async fn refuses_documents_dated_more_than_a_day_ahead() {
-    let (_ofd, addr, _dir) = start().await;
-    let mut d = FiscalDrive::new(DriveConfig::new("9999078900000001".into(), [7; 32]));
-    let (_, docs) = drive_with_documents(1);
-    let _ = &mut d;
-    // Re-date the registration report far in the future by forming it at a later clock.
+    let (ofd, addr, _dir) = start().await;
+    // A registration report formed by a drive whose clock runs three days ahead.
     let future = (firmware_sim::device::host_now() + 3 * 86_400) as u32;
     let zn = "0000000000000001";
-    let mut params_doc = docs[0].clone();
-    let mut late = FiscalDrive::new(DriveConfig::new("9999078900000001".into(), [7; 32]));
-    let reg = protocol::document::RegistrationReport::from_document(
-        &protocol::document::Document::decode(&params_doc).unwrap(),
-    )
-    .unwrap();
-    let params = RegistrationParams {
-        rnm: reg.owner.rnm.clone(),
-        user_inn: reg.owner.user_inn.clone(),
-        user_name: reg.owner.user_name.clone(),
-        taxation_systems: vec![TaxationSystem::Common],
-        internet: true,
-        encryption: false,
-        ofd: OfdEndpoint {
-            name: "ОФД".into(),
-            inn: "7704211201".into(),
-            host: "127.0.0.1".into(),
-            port: 1,
-        },
-        settlement_address: "Москва".into(),
-        settlement_place: "shop".into(),
-        fns_site: "www.nalog.gov.ru".into(),
-        cashier: None,
-    };
-    params_doc = late.register(future, zn, &params).unwrap().bytes;
+    let mut drive = FiscalDrive::new(DriveConfig::new("9999078900000001".into(), [7; 32]));
+    let params = registration(zn, DEMO_INN, ofd_endpoint(([127, 0, 0, 1], 1).into())).unwrap();
+    let doc = drive.register(future, zn, &params).unwrap().bytes;
     let mut s = TcpStream::connect(addr).await.unwrap();
     assert_eq!(
-        send(&mut s, 1, &params_doc).await.result_code,
+        send(&mut s, 1, &doc).await.result_code,
         result_code::FROM_THE_FUTURE
     );
+    assert_eq!(ofd.stats().accepted, 0);
 }
 
 #[tokio::test]

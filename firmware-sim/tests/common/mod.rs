@@ -3,14 +3,12 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::large_enum_variant)]
 
 use futures_util::{SinkExt, StreamExt};
-use protocol::checksum::rnm;
 use protocol::kkt::*;
-use protocol::receipt::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-pub const INN: &str = "3245001416";
+pub const INN: &str = firmware_sim::fixtures::DEMO_INN;
 
 pub struct Link {
     ws: WebSocketStream<TcpStream>,
@@ -125,56 +123,10 @@ impl Link {
 }
 
 pub fn registration(zn: &str, ofd: std::net::SocketAddr) -> RegistrationParams {
-    RegistrationParams {
-        rnm: rnm("0000000001", INN, zn).expect("rnm"),
-        user_inn: INN.into(),
-        user_name: "ООО \"Ромашка\"".into(),
-        taxation_systems: vec![TaxationSystem::Common, TaxationSystem::SimpleIn],
-        internet: true,
-        encryption: false,
-        ofd: OfdEndpoint {
-            name: "ОФД-симулятор".into(),
-            inn: "7704211201".into(),
-            host: ofd.ip().to_string(),
-            port: ofd.port(),
-        },
-        settlement_address: "г. Москва, ул. Тверская, д. 1".into(),
-        settlement_place: "shop.example.ru".into(),
-        fns_site: "www.nalog.gov.ru".into(),
-        cashier: None,
-    }
+    firmware_sim::fixtures::registration(zn, INN, firmware_sim::fixtures::ofd_endpoint(ofd))
+        .unwrap()
 }
 
 pub fn receipt(n: u64) -> ReceiptParams {
-    let price = Kopecks(1000 + n);
-    let quantity = Quantity(1500);
-    let amount = line_amount(price, quantity).unwrap();
-    ReceiptParams {
-        receipt: Receipt {
-            kind: ReceiptType::Income,
-            taxation: TaxationSystem::Common,
-            items: vec![Item {
-                label: format!("Товар №{n}"),
-                price,
-                quantity,
-                amount,
-                vat: VatRate::Vat20,
-                payment_method: PaymentMethod::FullPayment,
-                payment_subject: PaymentSubject::GOODS,
-                measure: Measure::Kilogram,
-            }],
-            payments: Payments {
-                electronic: amount,
-                ..Payments::default()
-            },
-            email: Some("buyer@example.ru".into()),
-            phone: None,
-            cashier: None,
-            client: None,
-            correction: None,
-            settlement_address: None,
-            settlement_place: None,
-        },
-        additional_attribute: Some(format!("job-{n}")),
-    }
+    firmware_sim::fixtures::receipt(n, Some(format!("job-{n}")))
 }

@@ -12,11 +12,10 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use firmware_sim::drive::{DriveConfig, FiscalDrive};
 use firmware_sim::exchange::{container_for, read_message, sign8, write_message};
+use firmware_sim::fixtures;
 use futures_util::{SinkExt, StreamExt};
-use protocol::checksum::rnm;
 use protocol::document::OfdAck;
 use protocol::kkt::*;
-use protocol::receipt::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -89,59 +88,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn registration(zn: &str) -> RegistrationParams {
-    RegistrationParams {
-        rnm: rnm("0000000001", "3245001416", zn).unwrap_or_default(),
-        user_inn: "3245001416".into(),
-        user_name: "ООО Ромашка".into(),
-        taxation_systems: vec![TaxationSystem::Common],
-        internet: true,
-        encryption: false,
-        ofd: OfdEndpoint {
-            name: "ОФД".into(),
-            inn: "7704211201".into(),
-            // Nothing listens on port 1: documents stay in the FN's unsent queue (worst case for RAM).
-            host: "127.0.0.1".into(),
-            port: 1,
-        },
-        settlement_address: "Москва".into(),
-        settlement_place: "shop".into(),
-        fns_site: "www.nalog.gov.ru".into(),
-        cashier: None,
-    }
-}
-
-fn receipt(n: u64) -> ReceiptParams {
-    let price = Kopecks(10_000 + n);
-    let amount = line_amount(price, Quantity::ONE).unwrap_or_default();
-    ReceiptParams {
-        receipt: Receipt {
-            kind: ReceiptType::Income,
-            taxation: TaxationSystem::Common,
-            items: vec![Item {
-                label: format!("Товар {n}"),
-                price,
-                quantity: Quantity::ONE,
-                amount,
-                vat: VatRate::Vat20,
-                payment_method: PaymentMethod::FullPayment,
-                payment_subject: PaymentSubject::GOODS,
-                measure: Measure::Piece,
-            }],
-            payments: Payments {
-                electronic: amount,
-                ..Payments::default()
-            },
-            email: None,
-            phone: None,
-            cashier: None,
-            client: None,
-            correction: None,
-            settlement_address: None,
-            settlement_place: None,
-        },
-        additional_attribute: None,
-    }
+fn registration(zn: &str) -> anyhow::Result<RegistrationParams> {
+    // Nothing listens on port 1: documents stay in the FN's unsent queue (worst case for RAM).
+    let ofd = fixtures::ofd_endpoint(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+    Ok(fixtures::registration(zn, fixtures::DEMO_INN, ofd)?)
 }
 
 /// Drives one register: hello, register, open shift, receipts; then keeps the link open.
@@ -159,10 +109,10 @@ async fn drive_register(
         other => bail!("expected hello, got {other:?}"),
     };
     let mut calls = vec![
-        Call::Register(registration(&hello.zn)),
+        Call::Register(registration(&hello.zn)?),
         Call::OpenShift(Operator::default()),
     ];
-    calls.extend((0..receipts).map(|n| Call::Receipt(receipt(n))));
+    calls.extend((0..receipts).map(|n| Call::Receipt(fixtures::receipt(n, None))));
     for (id, call) in calls.into_iter().enumerate() {
         let msg = KktMessage::Request(Request {
             id: id as u64,
@@ -299,11 +249,11 @@ async fn ofd(fns: usize, docs_per_fn: usize) -> anyhow::Result<()> {
         let fn_number = format!("99990789{:08}", i);
         let zn = format!("{:016}", i + 1);
         let mut d = FiscalDrive::new(DriveConfig::new(fn_number.clone(), [i as u8; 32]));
-        let mut docs = vec![d.register(now, &zn, &registration(&zn))?.bytes];
+        let mut docs = vec![d.register(now, &zn, &registration(&zn)?)?.bytes];
         docs.push(d.open_shift(now, &Operator::default())?.bytes);
         let mut n = 0;
         while docs.len() < docs_per_fn {
-            docs.push(d.receipt(now, &receipt(n))?.bytes);
+            docs.push(d.receipt(now, &fixtures::receipt(n, None))?.bytes);
             n += 1;
         }
         batches.push((fn_number, docs));
