@@ -441,13 +441,12 @@ async fn execute(fleet: &Fleet, device: &Device, call: Call) -> Executed {
             )
         });
         if let Err(e) = fleet.persist(&zn, state, document).await {
-            // The FN could not write: answer as a real one would, and stay consistent — the
-            // in-memory state is ahead of the disk, so stop serving until restarted.
-            tracing::error!(kkt = %zn, error = %e, "state could not be persisted");
-            return Executed::Answer(Err(KktError::new(
-                ErrorCode::WRONG_FN_STATE,
-                format!("FN write failed: {e}; restart the register"),
-            )));
+            // The in-memory FN is now ahead of the disk. Answering would report a document that a
+            // restart forgets; answering "error" would deny one that memory holds. Neither is
+            // honest, so the simulator stops, as a KKT with a failed FN write does; on restart the
+            // disk state is the truth and the agent's recovery asks the FN what it holds.
+            tracing::error!(kkt = %zn, error = %e, "FN state could not be written; stopping");
+            std::process::exit(70);
         }
     }
     if let Some(f) = &outcome.formed {

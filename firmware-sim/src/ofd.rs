@@ -173,10 +173,13 @@ impl Ofd {
                 return result_code::MALFORMED;
             }
         };
-        if doc.fd_number() != Some(fd) || doc.fpd().is_none() {
+        if doc.fd_number() != Some(fd)
+            || doc.fn_number().as_deref() != Some(fn_number)
+            || doc.fpd().is_none()
+        {
             warn!(
                 fn_number,
-                fd, "refused: FD number or fiscal sign missing or inconsistent"
+                fd, "refused: FN, FD or fiscal sign missing or not the container's"
             );
             return result_code::MALFORMED;
         }
@@ -196,7 +199,9 @@ impl Ofd {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 return result_code::OK;
             }
-            Ok(last) if fd != last + 1 => {
+            // The first document from an FN may have any number: a KKT that switched to this OFD
+            // (re-registration, reason "OFD changed") continues its FN's numbering here.
+            Ok(last) if last != 0 && fd != last + 1 => {
                 warn!(
                     fn_number,
                     fd, last, "refused: documents must arrive in FD order"

@@ -13,7 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 const NOW: u32 = 1_796_342_400;
 
 fn drive_with_documents(n: usize) -> (FiscalDrive, Vec<Vec<u8>>) {
-    let mut d = FiscalDrive::new(DriveConfig::new("9999078900000001".into(), [7; 32]));
+    drive_numbered("9999078900000001", n)
+}
+
+fn drive_numbered(fn_number: &str, n: usize) -> (FiscalDrive, Vec<Vec<u8>>) {
+    let mut d = FiscalDrive::new(DriveConfig::new(fn_number.into(), [7; 32]));
     let zn = "0000000000000001";
     let params = registration(zn, DEMO_INN, ofd_endpoint(([127, 0, 0, 1], 1).into())).unwrap();
     let mut docs = vec![d.register(NOW, zn, &params).unwrap().bytes];
@@ -76,6 +80,23 @@ async fn acknowledges_in_order_deduplicates_and_refuses_gaps() {
         send(&mut s, 4, &docs[2]).await.result_code,
         result_code::MALFORMED
     );
+    // A KKT that switched to this OFD starts its FN's stream where it is, not at 1.
+    let (_, other) = drive_numbered("9999078900000002", 6);
+    let c = container_for("9999078900000002", 5, 0, other[4].clone(), [0; 8]);
+    let mut s2 = TcpStream::connect(addr).await.unwrap();
+    write_message(&mut s2, &c).await.unwrap();
+    let (_, answer) = read_message(&mut s2).await.unwrap().unwrap();
+    let ack = OfdAck::from_document(&answer.parse_document().unwrap()).unwrap();
+    assert_eq!(
+        (ack.fn_number.as_str(), ack.result_code),
+        ("9999078900000002", result_code::OK)
+    );
+    // A document under another FN's container is refused.
+    let c = container_for("9999078900000002", 6, 0, docs[3].clone(), [0; 8]);
+    write_message(&mut s2, &c).await.unwrap();
+    let (_, answer) = read_message(&mut s2).await.unwrap().unwrap();
+    let ack = OfdAck::from_document(&answer.parse_document().unwrap()).unwrap();
+    assert_eq!(ack.result_code, result_code::MALFORMED);
     let by_range = ofd
         .documents(
             "9999078900000001",

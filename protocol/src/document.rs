@@ -140,6 +140,11 @@ impl Document {
         self.reader().opt_u32(TAG_FD_NUMBER).ok().flatten()
     }
 
+    /// FN number (1041), padding removed.
+    pub fn fn_number(&self) -> Option<String> {
+        self.reader().opt_str(1041).ok().flatten()
+    }
+
     /// Date-time (1012).
     pub fn date_time(&self) -> Option<u32> {
         self.reader().opt_time(TAG_DATE_TIME).ok().flatten()
