@@ -146,12 +146,9 @@ async fn get_device(
 }
 
 async fn persist(fleet: &Fleet, d: &Device) -> Result<(), ApiError> {
-    let (zn, state) = {
-        let r = d.register();
-        (r.zn.clone(), postcard::to_allocvec(&*r).unwrap_or_default())
-    };
-    fleet
-        .persist(&zn, state, None)
+    let pending = fleet.queue_state(&d.register(), None);
+    pending
+        .durable()
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
@@ -210,7 +207,10 @@ async fn move_clock(
 ) -> Result<Json<Vec<DeviceSummary>>, ApiError> {
     let devices = select(&fleet, &zn)?;
     for d in &devices {
-        d.register().clock_offset += m.advance_seconds;
+        {
+            let mut r = d.register();
+            r.clock_offset = r.clock_offset.saturating_add(m.advance_seconds);
+        }
         persist(&fleet, d).await?;
         d.wake_ofd();
     }

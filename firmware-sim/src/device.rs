@@ -15,7 +15,7 @@
 use crate::drive::DriveConfig;
 use crate::exchange::{self, container_for, sign8};
 use crate::register::{archived_document, Register};
-use crate::store::{Store, StoreError, ARCHIVE, META, REGISTERS};
+use crate::store::{Pending, Store, StoreError, ARCHIVE, META, REGISTERS};
 use futures_util::{SinkExt, StreamExt};
 use protocol::document::{Document, OfdAck};
 use protocol::kkt::{
@@ -82,8 +82,10 @@ pub struct Device {
     register: Mutex<Register>,
     faults: Mutex<Faults>,
     connected: AtomicBool,
-    /// Set by the control API to cut the link now.
+    /// Set by the control API to cut the link now. The generation catches a drop requested while
+    /// a request is executing (when nobody waits on the notify).
     drop_link: Notify,
+    drop_generation: AtomicU64,
     ofd_wake: Notify,
     events: broadcast::Sender<Event>,
     pub requests_served: AtomicU64,
@@ -96,6 +98,7 @@ impl Device {
             faults: Mutex::new(faults),
             connected: AtomicBool::new(false),
             drop_link: Notify::new(),
+            drop_generation: AtomicU64::new(0),
             ofd_wake: Notify::new(),
             events: broadcast::channel(64).0,
             requests_served: AtomicU64::new(0),
@@ -117,6 +120,7 @@ impl Device {
     }
 
     pub fn drop_link(&self) {
+        self.drop_generation.fetch_add(1, Ordering::SeqCst);
         self.drop_link.notify_waiters();
     }
 
@@ -251,25 +255,22 @@ impl Fleet {
         self.devices.get(zn)
     }
 
-    /// Persists a register's state (and a formed document) and waits until it is durable.
-    pub async fn persist(
-        &self,
-        zn: &str,
-        state: Vec<u8>,
-        document: Option<(String, u32, Vec<u8>)>,
-    ) -> Result<(), StoreError> {
-        let zn = zn.to_owned();
-        self.store
-            .commit(move |txn| {
-                txn.open_table(REGISTERS)?
-                    .insert(zn.as_str(), state.as_slice())?;
-                if let Some((fn_number, fd, bytes)) = document {
-                    txn.open_table(ARCHIVE)?
-                        .insert((fn_number.as_str(), fd), bytes.as_slice())?;
-                }
-                Ok(())
-            })
-            .await
+    /// Queues a register's state (and a formed document) for the next group commit. Call it while
+    /// holding the register's lock: snapshots then reach the disk in the order they were taken, so
+    /// an older snapshot (say, the OFD task's after an ack) can never overwrite a newer one (the
+    /// link task's after forming a document).
+    pub fn queue_state(&self, reg: &Register, document: Option<(String, u32, Vec<u8>)>) -> Pending {
+        let zn = reg.zn.clone();
+        let state = encode_register(reg);
+        self.store.enqueue(move |txn| {
+            txn.open_table(REGISTERS)?
+                .insert(zn.as_str(), state.as_slice())?;
+            if let Some((fn_number, fd, bytes)) = document {
+                txn.open_table(ARCHIVE)?
+                    .insert((fn_number.as_str(), fd), bytes.as_slice())?;
+            }
+            Ok(())
+        })
     }
 
     /// Replaces the FN of a register (control API).
@@ -277,27 +278,27 @@ impl Fleet {
         let device = self
             .device(zn)
             .ok_or_else(|| KktError::new(ErrorCode::FN_NOT_FOUND, "no such register"))?;
-        let state = {
+        let pending = {
             let mut reg = device.register();
             let drive = new_drive(zn, reg.drives_replaced + 1, self.options.capacity);
             reg.replace_fn(drive)?;
-            encode_register(&reg)
+            self.queue_state(&reg, None)
         };
-        self.persist(zn, state, None)
+        pending
+            .durable()
             .await
             .map_err(|e| KktError::new(ErrorCode::WRONG_FN_STATE, e.to_string()))
     }
 }
 
-/// A new drive for register `zn`; its number is derived from the ZN and how many drives it had.
+/// A new drive for register `zn`. Its number carries the whole numeric part of the ZN (unique per
+/// state directory and, through the random ZN base, across processes) and the drive's generation,
+/// so no two simulated FNs share a number at an OFD.
 fn new_drive(zn: &str, generation: u32, capacity: Option<u32>) -> DriveConfig {
-    let tail: u64 = zn
-        .bytes()
-        .rev()
-        .take(6)
-        .rev()
-        .fold(0, |a, b| a * 10 + u64::from(b.wrapping_sub(b'0') % 10));
-    let fn_number = format!("99990789{:02}{:06}", generation % 100, tail);
+    let serial = zn.bytes().filter(u8::is_ascii_digit).fold(0u64, |a, b| {
+        (a * 10 + u64::from(b - b'0')) % 1_000_000_000_000
+    });
+    let fn_number = format!("999{}{:012}", generation % 10, serial);
     let mut cfg = DriveConfig::new(fn_number, random_bytes());
     if let Some(c) = capacity {
         cfg.capacity = c;
@@ -364,7 +365,11 @@ async fn session(fleet: &Fleet, device: &Device, mut ws: Ws) -> SessionEnd {
         return SessionEnd::Closed(e.to_string());
     }
     let mut events = device.subscribe();
+    let generation = device.drop_generation.load(Ordering::SeqCst);
     loop {
+        if device.drop_generation.load(Ordering::SeqCst) != generation {
+            return SessionEnd::Closed("dropped by the fault knob".into());
+        }
         tokio::select! {
             msg = ws.next() => {
                 let text = match msg {
@@ -424,15 +429,11 @@ async fn execute(fleet: &Fleet, device: &Device, call: Call) -> Executed {
     if let Call::GetFnDocument(q) = &call {
         return Executed::Answer(read_archive(fleet, device, q.fd_number));
     }
-    let (outcome, zn, state) = {
+    let (outcome, zn, pending) = {
         let mut reg = device.register();
         let now = reg.clock(host_now());
         let outcome = reg.handle(&call, now);
         let changed = outcome.formed.is_some() || matches!(call, Call::SetOfd(_));
-        let state = changed.then(|| encode_register(&reg));
-        (outcome, reg.zn.clone(), state)
-    };
-    if let Some(state) = state {
         let document = outcome.formed.as_ref().map(|f| {
             (
                 f.result.fn_number.clone(),
@@ -440,7 +441,11 @@ async fn execute(fleet: &Fleet, device: &Device, call: Call) -> Executed {
                 f.bytes.clone(),
             )
         });
-        if let Err(e) = fleet.persist(&zn, state, document).await {
+        let pending = changed.then(|| fleet.queue_state(&reg, document));
+        (outcome, reg.zn.clone(), pending)
+    };
+    if let Some(pending) = pending {
+        if let Err(e) = pending.durable().await {
             // The in-memory FN is now ahead of the disk. Answering would report a document that a
             // restart forgets; answering "error" would deny one that memory holds. Neither is
             // honest, so the simulator stops, as a KKT with a failed FN write does; on restart the
@@ -448,10 +453,11 @@ async fn execute(fleet: &Fleet, device: &Device, call: Call) -> Executed {
             tracing::error!(kkt = %zn, error = %e, "FN state could not be written; stopping");
             std::process::exit(70);
         }
+        // A new document or a new OFD endpoint: the sender has work or a new place to send it.
+        device.wake_ofd();
     }
     if let Some(f) = &outcome.formed {
         debug!(kkt = %zn, fd = f.result.fd_number, doc = ?f.result.document_type, "document formed");
-        device.wake_ofd();
         if matches!(call, Call::Receipt(_) | Call::Correction(_)) {
             if let Some(mode) = device.faults().crash_next_receipt.take() {
                 return Executed::Crash(mode);
@@ -602,25 +608,17 @@ async fn send_owed(fleet: &Fleet, device: &Device, target: &OfdEndpoint) -> Resu
                 code: ack.result_code,
             });
         }
-        let (zn, state, unsent) = {
+        let unsent = {
             let mut reg = device.register();
             let now = reg.clock(host_now());
             if !reg.drive.ofd_ack(fd, now) {
                 // The FN was replaced or the document acked meanwhile; nothing to apply.
                 continue;
             }
-            (
-                reg.zn.clone(),
-                encode_register(&reg),
-                reg.drive.unsent.len() as u32,
-            )
+            // Not awaited: a lost ack only makes the register resend (see store's "Durability").
+            drop(fleet.queue_state(&reg, None));
+            reg.drive.unsent.len() as u32
         };
-        let state_zn = zn.clone();
-        fleet.store.commit_later(move |txn| {
-            txn.open_table(REGISTERS)?
-                .insert(state_zn.as_str(), state.as_slice())?;
-            Ok(())
-        });
         let _ = device.events.send(Event::OfdAck(OfdAckEvent {
             fn_number: fn_number.clone(),
             fd_number: fd,

@@ -38,7 +38,19 @@ pub mod result_code {
     pub const MALFORMED: u8 = 2;
     pub const FROM_THE_FUTURE: u8 = 3;
     pub const OUT_OF_ORDER: u8 = 4;
+    /// A different document under an (FN, FD) already stored: two drives claim one number, or the
+    /// FN's archive was tampered with. Never acknowledged.
+    pub const CONFLICT: u8 = 5;
 }
+
+/// A connection that sends nothing for this long is closed, so idle or stalled peers cannot hold
+/// sockets forever.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Accepts of one FN are serialized (check, store, answer) so that a resend racing a slow original
+/// is seen as the duplicate it is; FNs hash onto this many locks so that different FNs proceed in
+/// parallel.
+const FN_LOCK_STRIPES: usize = 64;
 
 /// One stored document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,6 +88,7 @@ pub struct Ofd {
     faults: Mutex<OfdFaults>,
     stats: Stats,
     clock: fn() -> u64,
+    fn_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl Ofd {
@@ -94,6 +107,9 @@ impl Ofd {
             faults: Mutex::new(OfdFaults::default()),
             stats: Stats::default(),
             clock: crate::device::host_now,
+            fn_locks: (0..FN_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }))
     }
 
@@ -132,7 +148,16 @@ impl Ofd {
     async fn connection(&self, mut stream: TcpStream) -> Result<(), exchange::ExchangeError> {
         stream.set_nodelay(true)?;
         // A KKT may send several documents over one connection, one answer each.
-        while let Some((_, container)) = exchange::read_message(&mut stream).await? {
+        loop {
+            let Ok(message) =
+                tokio::time::timeout(IDLE_TIMEOUT, exchange::read_message(&mut stream)).await
+            else {
+                debug!("closing an idle OFD connection");
+                return Ok(());
+            };
+            let Some((_, container)) = message? else {
+                return Ok(());
+            };
             let fn_number = container.header.fn_number.clone();
             let fd = container.header.fd_number;
             let faults = self.faults();
@@ -161,7 +186,6 @@ impl Ofd {
             let answer = container_for(&fn_number, fd, doc.doc_type.tag(), bytes, sign);
             exchange::write_message(&mut stream, &answer).await?;
         }
-        Ok(())
     }
 
     /// Checks and stores one document; returns the result code for the acknowledgement.
@@ -194,10 +218,30 @@ impl Ofd {
             );
             return result_code::FROM_THE_FUTURE;
         }
+        let stripe = fn_number.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        let _serial = self.fn_locks[stripe % FN_LOCK_STRIPES].lock().await;
         match self.last_fd(fn_number) {
             Ok(last) if fd <= last => {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                return result_code::OK;
+                return match self.stored(fn_number, fd) {
+                    Ok(Some(rec)) if rec.tlv == tlv => {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        result_code::OK
+                    }
+                    Ok(Some(_)) => {
+                        warn!(
+                            fn_number,
+                            fd, "refused: differs from the document stored under this number"
+                        );
+                        result_code::CONFLICT
+                    }
+                    Ok(None) => result_code::OUT_OF_ORDER,
+                    Err(e) => {
+                        warn!(error = %e, "store read failed");
+                        result_code::REJECTED
+                    }
+                };
             }
             // The first document from an FN may have any number: a KKT that switched to this OFD
             // (re-registration, reason "OFD changed") continues its FN's numbering here.
@@ -238,6 +282,17 @@ impl Ofd {
                 result_code::REJECTED
             }
         }
+    }
+
+    fn stored(&self, fn_number: &str, fd: u32) -> Result<Option<Received>, StoreError> {
+        let txn = self.store.read()?;
+        let t = txn.open_table(DOCS)?;
+        let Some(v) = t.get((fn_number, fd))? else {
+            return Ok(None);
+        };
+        postcard::from_bytes(v.value())
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     fn last_fd(&self, fn_number: &str) -> Result<u32, StoreError> {

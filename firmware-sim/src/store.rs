@@ -70,6 +70,23 @@ struct Job {
     done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
+/// A queued write; [`Pending::durable`] resolves when the commit holding it is on disk. Dropping it
+/// leaves the write queued (see "Durability" for the writes that need not be waited for).
+pub struct Pending(Option<oneshot::Receiver<Result<(), String>>>);
+
+impl Pending {
+    pub async fn durable(self) -> Result<(), StoreError> {
+        match self.0 {
+            None => Err(StoreError::Closed),
+            Some(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(StoreError::Corrupt(e)),
+                Err(_) => Err(StoreError::Closed),
+            },
+        }
+    }
+}
+
 /// A redb database with a group-commit writer thread.
 #[derive(Clone)]
 pub struct Store {
@@ -122,34 +139,27 @@ impl Store {
         Ok(())
     }
 
+    /// Queues `write` for the next group commit and returns at once. Writes are applied in queue
+    /// order, so a caller that must not be overtaken (a register's state snapshot) queues while it
+    /// still holds the lock the snapshot was taken under, and awaits [`Pending::durable`] after.
+    pub fn enqueue(
+        &self,
+        write: impl FnOnce(&WriteTransaction) -> Result<(), StoreError> + Send + 'static,
+    ) -> Pending {
+        let (done, rx) = oneshot::channel();
+        let sent = self.tx.send(Job {
+            write: Box::new(write),
+            done: Some(done),
+        });
+        Pending(sent.is_ok().then_some(rx))
+    }
+
     /// Runs `write` in the next group commit and returns once that commit is durable.
     pub async fn commit(
         &self,
         write: impl FnOnce(&WriteTransaction) -> Result<(), StoreError> + Send + 'static,
     ) -> Result<(), StoreError> {
-        let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Job {
-                write: Box::new(write),
-                done: Some(done),
-            })
-            .map_err(|_| StoreError::Closed)?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Corrupt(e)),
-            Err(_) => Err(StoreError::Closed),
-        }
-    }
-
-    /// Queues `write` for the next group commit without waiting for it (see "Durability").
-    pub fn commit_later(
-        &self,
-        write: impl FnOnce(&WriteTransaction) -> Result<(), StoreError> + Send + 'static,
-    ) {
-        let _ = self.tx.send(Job {
-            write: Box::new(write),
-            done: None,
-        });
+        self.enqueue(write).durable().await
     }
 
     pub fn get(

@@ -70,6 +70,15 @@ async fn acknowledges_in_order_deduplicates_and_refuses_gaps() {
     assert_eq!(send(&mut s, 2, &docs[1]).await.result_code, result_code::OK);
     // A resend after a lost ack is acknowledged again, stored once.
     assert_eq!(send(&mut s, 2, &docs[1]).await.result_code, result_code::OK);
+    // Another document under a stored number is a conflict, never acknowledged.
+    let (_, impostor) = drive_with_documents(2);
+    let mut forged = impostor[1].clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert_eq!(
+        send(&mut s, 2, &forged).await.result_code,
+        result_code::CONFLICT
+    );
     let stored = ofd
         .documents("9999078900000001", &DocumentQuery::default())
         .unwrap();
