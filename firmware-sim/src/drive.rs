@@ -123,9 +123,6 @@ impl Phase {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
-    /// Kept as JSON inside the postcard record: the link types skip absent optional fields, which
-    /// a non-self-describing format cannot read back.
-    #[serde(with = "json_inside")]
     pub params: RegistrationParams,
     pub zn: String,
 }
@@ -801,25 +798,6 @@ impl FiscalDrive {
     /// Fault knob: ends the service life now.
     pub fn expire(&mut self, now: u32) {
         self.valid_until = Some(now);
-    }
-}
-
-mod json_inside {
-    use serde::de::{DeserializeOwned, Error as _};
-    use serde::ser::Error as _;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-        serde_json::to_string(v)
-            .map_err(S::Error::custom)?
-            .serialize(s)
-    }
-
-    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<T, D::Error> {
-        let text = String::deserialize(d)?;
-        serde_json::from_str(&text).map_err(D::Error::custom)
     }
 }
 

@@ -957,15 +957,16 @@ impl OfdAck {
     }
 }
 
+crate::wire::dual_enum! {
 /// Any FN-formed document, typed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "camelCase")]
-pub enum FiscalDocument {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FiscalDocument (FiscalDocumentShape, "FiscalDocument", tag = "kind", content = "data") {
     Registration(RegistrationReport),
     Shift(ShiftReport),
     CurrentState(CurrentStateReport),
     Receipt(ReceiptRecord),
     FnClosure(FnClosureReport),
+}
 }
 
 impl FiscalDocument {

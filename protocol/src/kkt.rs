@@ -111,10 +111,10 @@ pub struct Request {
     pub call: Call,
 }
 
+crate::wire::dual_enum! {
 /// The register's methods (`method` and `params` on the wire).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "method", content = "params", rename_all = "camelCase")]
-pub enum Call {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call (CallShape, "Call", tag = "method", content = "params") {
     GetDeviceStatus,
     GetFnInfo,
     GetShiftStatus,
@@ -137,6 +137,7 @@ pub enum Call {
     GetFnDocument(GetFnDocument),
     /// Points the register at an OFD (host and port of its TCP endpoint).
     SetOfd(OfdEndpoint),
+}
 }
 
 impl Call {
@@ -181,7 +182,7 @@ impl Call {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Operator {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub cashier: Option<Person>,
 }
 
@@ -191,7 +192,7 @@ pub struct ReceiptParams {
     pub receipt: Receipt,
     /// Written to tag 1192 (additional receipt attribute). The product puts its job id here, so a
     /// document read back from the archive after a crash can be matched to its job.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub additional_attribute: Option<String>,
 }
 
@@ -228,7 +229,7 @@ pub struct RegistrationParams {
     pub settlement_place: String,
     #[serde(default = "default_fns_site")]
     pub fns_site: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub cashier: Option<Person>,
 }
 
@@ -276,9 +277,9 @@ pub struct Response {
 #[derive(Serialize, Deserialize)]
 struct WireResponse {
     id: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     result: Option<Reply>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     error: Option<KktError>,
 }
 
@@ -311,10 +312,10 @@ impl From<Response> for WireResponse {
     }
 }
 
+crate::wire::dual_enum! {
 /// A successful result, one shape per kind of method.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "camelCase")]
-pub enum Reply {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply (ReplyShape, "Reply", tag = "kind", content = "data") {
     DeviceStatus(DeviceStatus),
     FnInfo(FnInfo),
     ShiftStatus(ShiftStatus),
@@ -325,6 +326,7 @@ pub enum Reply {
     FnDocument(Box<ArchivedDocument>),
     /// A setting was applied.
     Done,
+}
 }
 
 /// The shift as the register sees it.
@@ -387,11 +389,11 @@ pub struct FnInfo {
     pub ffd_version: FfdVersion,
     pub warnings: FnWarnings,
     /// The FN error code that blocks receipts right now, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub block: Option<u8>,
     pub documents_used: u32,
     pub documents_capacity: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub registration: Option<RegistrationSummary>,
 }
 
@@ -413,10 +415,10 @@ pub struct ShiftStatus {
     pub state: ShiftState,
     /// Number of the current (or last) shift; 0 before the first.
     pub number: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub opened_at: Option<u32>,
     /// When the 24 h limit runs out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub expires_at: Option<u32>,
     pub receipts: u32,
     pub documents: u32,
@@ -432,17 +434,17 @@ pub struct FiscalResult {
     pub fpd: u32,
     pub shift_number: u32,
     /// Receipt number within the shift; receipts only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub receipt_number: Option<u32>,
     pub fn_number: String,
     pub rnm: String,
     pub zn: String,
     /// Unix seconds, the register's clock.
     pub date_time: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub total: Option<Kopecks>,
     /// Tag 1192 of a receipt: the job id the agent put there.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub additional_attribute: Option<String>,
 }
 
@@ -504,13 +506,13 @@ pub struct XReport {
 #[serde(rename_all = "camelCase")]
 pub struct OfdExchangeStatus {
     pub unsent_count: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub first_unsent_fd: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub first_unsent_date_time: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub last_ack_at: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ofd: Option<OfdEndpoint>,
 }
 
@@ -526,14 +528,15 @@ pub struct ArchivedDocument {
     pub acknowledged: bool,
 }
 
+crate::wire::dual_enum! {
 /// An event the register pushes unasked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "camelCase")]
-pub enum Event {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event (EventShape, "Event", tag = "event", content = "data") {
     /// The OFD acknowledged a document; the FN marked it delivered.
     OfdAck(OfdAckEvent),
     /// Paper, cover, shift or block state changed.
     StatusChanged(DeviceStatus),
+}
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -553,7 +556,7 @@ pub struct OfdAckEvent {
 #[error("KKT error {code}: {text}")]
 pub struct KktError {
     pub code: ErrorCode,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub fn_code: Option<u8>,
     pub text: String,
 }

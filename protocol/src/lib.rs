@@ -13,3 +13,5 @@ pub mod document;
 pub mod kkt;
 pub mod receipt;
 pub mod tlv;
+pub mod tunnel;
+mod wire;

@@ -422,7 +422,7 @@ impl Payments {
 #[serde(rename_all = "camelCase")]
 pub struct Person {
     pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub inn: Option<String>,
 }
 
@@ -480,19 +480,19 @@ pub struct Receipt {
     pub taxation: TaxationSystem,
     pub items: Vec<Item>,
     pub payments: Payments,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub email: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub phone: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub cashier: Option<Person>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub client: Option<Person>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub correction: Option<Correction>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub settlement_address: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub settlement_place: Option<String>,
 }
 

@@ -1848,3 +1848,212 @@ proptest! {
         prop_assert_eq!(e.problem, Problem::AmountMismatch { expected, got });
     }
 }
+
+// ---- Tunnel frames (postcard) -------------------------------------------------------------
+
+mod tunnel_frames {
+    use super::*;
+    use protocol::tunnel::*;
+
+    fn short() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9а-яА-Я -]{0,24}"
+    }
+
+    fn held_job() -> impl Strategy<Value = HeldJob> {
+        (short(), any::<u32>(), short()).prop_map(|(job, attempt, kkt)| HeldJob {
+            job,
+            attempt,
+            kkt,
+        })
+    }
+
+    fn outbox_body() -> impl Strategy<Value = OutboxBody> {
+        prop_oneof![
+            (short(), any::<u32>(), short(), fiscal_result()).prop_map(
+                |(job, attempt, kkt, result)| {
+                    OutboxBody::Completed {
+                        job,
+                        attempt,
+                        kkt,
+                        result,
+                    }
+                }
+            ),
+            (short(), any::<u32>(), short(), kkt_error()).prop_map(|(job, attempt, kkt, error)| {
+                OutboxBody::NotFiscalized {
+                    job,
+                    attempt,
+                    kkt,
+                    error,
+                }
+            }),
+            (short(), event()).prop_map(|(kkt, event)| OutboxBody::Event { kkt, event }),
+        ]
+    }
+
+    fn health() -> impl Strategy<Value = Health> {
+        (
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<u32>(),
+            short(),
+            proptest::option::of(short()),
+        )
+            .prop_map(|(s, rtt, j, o, old, k, v, alarm)| Health {
+                sent_at_micros: s,
+                rtt_micros: rtt,
+                journal_depth: j,
+                outbox_depth: o,
+                oldest_unacked_secs: old,
+                kkts: k,
+                version: v,
+                alarm,
+            })
+    }
+
+    fn work() -> impl Strategy<Value = Work> {
+        prop_oneof![
+            receipt_params().prop_map(Work::Receipt),
+            receipt_params().prop_map(Work::Correction),
+        ]
+    }
+
+    fn agent_message() -> impl Strategy<Value = AgentMessage> {
+        prop_oneof![
+            (
+                any::<u16>(),
+                short(),
+                any::<u64>(),
+                vec(held_job(), 0..4),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(
+                    |(version, agent_id, store_epoch, jobs, last_seq, outbox_depth)| {
+                        AgentMessage::Hello(AgentHello {
+                            version,
+                            agent_id,
+                            store_epoch,
+                            software: "agent".into(),
+                            journal: JournalSummary {
+                                jobs,
+                                last_seq,
+                                outbox_depth,
+                            },
+                        })
+                    }
+                ),
+            (hello(), short()).prop_map(|(hello, transport)| AgentMessage::Attached(Attached {
+                hello,
+                transport
+            })),
+            short().prop_map(|kkt| AgentMessage::Detached { kkt }),
+            (
+                short(),
+                device_status(),
+                fn_info(),
+                shift_status(),
+                ofd_exchange_status()
+            )
+                .prop_map(|(kkt, device, fn_info, shift, ofd)| {
+                    AgentMessage::Status(Box::new(KktState {
+                        kkt,
+                        device,
+                        fn_info,
+                        shift,
+                        ofd,
+                    }))
+                }),
+            (short(), any::<u32>())
+                .prop_map(|(job, attempt)| AgentMessage::Accepted { job, attempt }),
+            (short(), any::<u32>(), short()).prop_map(|(job, attempt, reason)| {
+                AgentMessage::Refused {
+                    job,
+                    attempt,
+                    reason,
+                }
+            }),
+            (any::<u64>(), outbox_body())
+                .prop_map(|(seq, body)| AgentMessage::Outbox(OutboxEntry { seq, body })),
+            (
+                any::<u64>(),
+                short(),
+                prop_oneof![reply().prop_map(Ok), kkt_error().prop_map(Err)]
+            )
+                .prop_map(|(id, kkt, outcome)| AgentMessage::CommandResult {
+                    id,
+                    kkt,
+                    outcome
+                }),
+            health().prop_map(AgentMessage::Heartbeat),
+            any::<u64>().prop_map(|s| AgentMessage::Pong { sent_at_micros: s }),
+        ]
+    }
+
+    fn controller_message() -> impl Strategy<Value = ControllerMessage> {
+        prop_oneof![
+            (any::<u16>(), short(), any::<u64>()).prop_map(
+                |(version, controller_id, applied_upto)| {
+                    ControllerMessage::Hello(ControllerHello {
+                        version,
+                        controller_id,
+                        applied_upto,
+                    })
+                }
+            ),
+            any::<u64>().prop_map(|upto| ControllerMessage::Ack { upto }),
+            (short(), any::<u32>(), short(), work()).prop_map(|(job, attempt, kkt, work)| {
+                ControllerMessage::Dispatch(Dispatch {
+                    job,
+                    attempt,
+                    kkt,
+                    work,
+                })
+            }),
+            (short(), proptest::option::of(ofd_endpoint())).prop_map(|(kkt, ofd)| {
+                ControllerMessage::Settings {
+                    kkt,
+                    settings: KktSettings { ofd },
+                }
+            }),
+            (any::<u64>(), short(), call())
+                .prop_map(|(id, kkt, call)| ControllerMessage::Command { id, kkt, call }),
+            any::<u64>().prop_map(|s| ControllerMessage::Ping { sent_at_micros: s }),
+            any::<u64>().prop_map(|s| ControllerMessage::Pong { sent_at_micros: s }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn agent_messages_round_trip_through_frames(m in agent_message()) {
+            let frame = encode_frame(&m).expect("encodes");
+            let mut prefix = [0u8; 4];
+            prefix.copy_from_slice(&frame[..4]);
+            prop_assert_eq!(frame_len(prefix).expect("fits"), frame.len() - 4);
+            let back: AgentMessage = decode_frame(&frame[4..]).expect("decodes");
+            prop_assert_eq!(back, m);
+        }
+
+        #[test]
+        fn controller_messages_round_trip_through_frames(m in controller_message()) {
+            let frame = encode_frame(&m).expect("encodes");
+            let back: ControllerMessage = decode_frame(&frame[4..]).expect("decodes");
+            prop_assert_eq!(back, m);
+        }
+
+        #[test]
+        fn arbitrary_frames_never_panic(bytes in vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<AgentMessage>(&bytes);
+            let _ = decode_frame::<ControllerMessage>(&bytes);
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_from_the_prefix() {
+        assert!(frame_len((MAX_FRAME as u32 + 1).to_le_bytes()).is_err());
+        assert!(frame_len((MAX_FRAME as u32).to_le_bytes()).is_ok());
+    }
+}
