@@ -71,6 +71,10 @@ pub enum AgentMessage {
     Pong {
         sent_at_micros: u64,
     },
+    /// A certificate signing request for a fresh certificate, sent before the current one expires.
+    Renew {
+        csr_pem: String,
+    },
 }
 
 /// Messages from the controller.
@@ -101,6 +105,112 @@ pub enum ControllerMessage {
     Pong {
         sent_at_micros: u64,
     },
+    /// Answer to [`AgentMessage::Renew`].
+    Renewed(Result<IssuedCertificate, String>),
+}
+
+/// Enrollment, on a connection with ALPN [`ALPN_ENROLL`]: the agent sends one request frame, the
+/// controller answers with one response frame and closes. The agent has no certificate yet; it
+/// authenticates the controller by the CA fingerprint pinned in the token, and the controller
+/// authenticates the agent by the one-time token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub version: u16,
+    /// The token as printed by `controller agent-token create`.
+    pub token: String,
+    /// PKCS#10 request for the key the agent made locally; the private key never leaves it.
+    pub csr_pem: String,
+    /// A name for people (host name, shelf label).
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    Enrolled {
+        agent_id: String,
+        certificate: IssuedCertificate,
+    },
+    /// Unknown, expired or already used token, or a malformed request.
+    Refused { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// Unix seconds.
+    pub not_after: u64,
+}
+
+/// The enrollment token: `kt1.<secret hex>.<SHA-256 of the CA certificate DER, hex>`. The secret
+/// is stored only hashed at the controller; the fingerprint lets the agent trust the controller
+/// before it has the CA certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollToken {
+    pub secret: [u8; 16],
+    pub ca_sha256: [u8; 32],
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("malformed enrollment token: {0}; copy the whole last line printed by `controller agent-token create`")]
+pub struct TokenError(&'static str);
+
+impl EnrollToken {
+    pub fn encode(&self) -> String {
+        format!("kt1.{}.{}", hex(&self.secret), hex(&self.ca_sha256))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, TokenError> {
+        let mut parts = s.trim().split('.');
+        if parts.next() != Some("kt1") {
+            return Err(TokenError("it must start with kt1."));
+        }
+        let secret = unhex::<16>(parts.next().ok_or(TokenError("the secret is missing"))?)
+            .ok_or(TokenError("the secret must be 32 hex digits"))?;
+        let ca_sha256 = unhex::<32>(
+            parts
+                .next()
+                .ok_or(TokenError("the CA fingerprint is missing"))?,
+        )
+        .ok_or(TokenError("the CA fingerprint must be 64 hex digits"))?;
+        if parts.next().is_some() {
+            return Err(TokenError("it has extra parts"));
+        }
+        Ok(EnrollToken { secret, ca_sha256 })
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_bad_ones_say_why() {
+        let t = EnrollToken {
+            secret: [0xAB; 16],
+            ca_sha256: [0x01; 32],
+        };
+        assert_eq!(EnrollToken::parse(&t.encode()), Ok(t.clone()));
+        assert_eq!(EnrollToken::parse(&format!("  {}\n", t.encode())), Ok(t));
+        assert!(EnrollToken::parse("kt2.00.00").is_err());
+        assert!(EnrollToken::parse("kt1.zz.00").is_err());
+        assert!(EnrollToken::parse("kt1").is_err());
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2051,6 +2051,29 @@ mod tunnel_frames {
         }
     }
 
+    proptest! {
+        #[test]
+        fn enrollment_and_renewal_round_trip(csr in short(), token in short(), pem in short(), not_after in any::<u64>(), ok in any::<bool>()) {
+            let cert = IssuedCertificate { cert_pem: pem.clone(), ca_pem: pem.clone(), not_after };
+            let renew = AgentMessage::Renew { csr_pem: csr.clone() };
+            let back: AgentMessage = decode_frame(&encode_frame(&renew).expect("encodes")[4..]).expect("decodes");
+            prop_assert_eq!(back, renew);
+            let renewed = ControllerMessage::Renewed(if ok { Ok(cert.clone()) } else { Err(pem.clone()) });
+            let back: ControllerMessage = decode_frame(&encode_frame(&renewed).expect("encodes")[4..]).expect("decodes");
+            prop_assert_eq!(back, renewed);
+            let req = EnrollRequest { version: TUNNEL_VERSION, token, csr_pem: csr, name: pem.clone() };
+            let back: EnrollRequest = decode_frame(&encode_frame(&req).expect("encodes")[4..]).expect("decodes");
+            prop_assert_eq!(back, req);
+            let resp = if ok {
+                EnrollResponse::Enrolled { agent_id: pem, certificate: cert }
+            } else {
+                EnrollResponse::Refused { reason: pem }
+            };
+            let back: EnrollResponse = decode_frame(&encode_frame(&resp).expect("encodes")[4..]).expect("decodes");
+            prop_assert_eq!(back, resp);
+        }
+    }
+
     #[test]
     fn oversized_frames_are_refused_from_the_prefix() {
         assert!(frame_len((MAX_FRAME as u32 + 1).to_le_bytes()).is_err());
