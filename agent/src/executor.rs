@@ -1,0 +1,123 @@
+//! Executes journaled jobs on one register, one at a time, with the exactly-once rules of
+//! `journal` (invariant 2): record the FN's last number, send, report; after any interruption,
+//! settle the outcome from the FN archive before doing anything else.
+
+use crate::agent::{Agent, CallError};
+use crate::journal::{JobPhase, JournalJob};
+use protocol::kkt::{Call, ErrorCode, KktError, Reply};
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+/// Pause before retrying after a register query failed.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs until the register detaches (or a newer attachment replaces this one).
+pub async fn run(agent: Arc<Agent>, zn: String, generation: u64, wake: Arc<Notify>) {
+    loop {
+        if !agent.is_attached(&zn, generation) {
+            return;
+        }
+        let Some(job) = agent.next_job(&zn) else {
+            wake.notified().await;
+            continue;
+        };
+        match step(&agent, &zn, job).await {
+            Ok(()) => {}
+            Err(CallError::LinkLost) | Err(CallError::NotAttached) => {
+                debug!(kkt = %zn, "link lost during a job; recovery runs on reattach");
+                return;
+            }
+            Err(CallError::Kkt(e)) => {
+                // A query failed (not the job itself): the job stays where it is; try again
+                // shortly, or sooner if woken.
+                warn!(kkt = %zn, error = %e, "register query failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_AFTER) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+async fn last_fd(agent: &Agent, zn: &str) -> Result<u32, CallError> {
+    match agent.call(zn, Call::GetFnInfo).await? {
+        Reply::FnInfo(i) => Ok(i.last_fd_number),
+        other => Err(CallError::Kkt(KktError::new(
+            ErrorCode::INVALID_PARAMETER,
+            format!("getFnInfo answered {other:?}"),
+        ))),
+    }
+}
+
+async fn step(agent: &Agent, zn: &str, job: JournalJob) -> Result<(), CallError> {
+    match job.phase {
+        JobPhase::Reported { .. } => Ok(()),
+        JobPhase::Executing { fd_before } => recover(agent, zn, &job, fd_before).await,
+        JobPhase::Accepted => execute(agent, zn, &job).await,
+    }
+}
+
+async fn execute(agent: &Agent, zn: &str, job: &JournalJob) -> Result<(), CallError> {
+    let fd_before = match last_fd(agent, zn).await {
+        Ok(fd) => fd,
+        Err(CallError::Kkt(e)) => {
+            // Nothing was sent: the register refused even to report; the job was not fiscalized.
+            agent.report(&job.job, Err(e)).await;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let id = job.job.clone();
+    agent.transition(|j| j.start(&id, fd_before)).await;
+    debug!(job = %job.job, kkt = %zn, fd_before, "executing");
+    match agent.call(zn, job.work.call(&job.job)).await {
+        Ok(Reply::Fiscal(result)) => {
+            agent.report(&job.job, Ok(result)).await;
+            Ok(())
+        }
+        Ok(other) => {
+            // Not a fiscal answer: treat the outcome as unknown and settle it from the archive.
+            warn!(job = %job.job, kkt = %zn, ?other, "unexpected answer to a receipt");
+            recover(agent, zn, job, fd_before).await
+        }
+        Err(CallError::Kkt(e)) => {
+            // An error answer is the register's proof that no document was formed.
+            info!(job = %job.job, kkt = %zn, error = %e, "not fiscalized");
+            agent.report(&job.job, Err(e)).await;
+            agent.refresh_status(zn).await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The outcome of a job left `Executing` is unknown: ask the FN.
+async fn recover(
+    agent: &Agent,
+    zn: &str,
+    job: &JournalJob,
+    fd_before: u32,
+) -> Result<(), CallError> {
+    let last = last_fd(agent, zn).await?;
+    for fd in fd_before.saturating_add(1)..=last {
+        match agent.call(zn, Agent::fd_request(fd)).await {
+            Ok(Reply::FnDocument(doc)) => {
+                if doc.result.additional_attribute.as_deref() == Some(job.job.as_str()) {
+                    info!(job = %job.job, kkt = %zn, fd, "recovered: the receipt was fiscalized");
+                    agent.report(&job.job, Ok(doc.result)).await;
+                    return Ok(());
+                }
+            }
+            Ok(_) => {}
+            // Without every document read, "not fiscalized" would be a guess: give up for now.
+            Err(e) => return Err(e),
+        }
+    }
+    // The FN holds no document for this job: it was not fiscalized and may run again.
+    info!(job = %job.job, kkt = %zn, fd_before, last, "recovered: not fiscalized; running again");
+    let id = job.job.clone();
+    agent.transition(|j| j.retry(&id)).await;
+    Ok(())
+}
