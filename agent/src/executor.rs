@@ -9,6 +9,18 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+/// Test fault knob: `AGENT_CRASH_AT=after-executing` aborts the process right after `Executing`
+/// is durable and before the receipt is sent (the "not fiscalized" branch of recovery);
+/// `AGENT_CRASH_AT=before-report` aborts after the register answered with a document and before
+/// the result is journaled (the "fiscalized" branch). An abort is what `kill -9` does at that
+/// instant: no destructor runs, nothing is flushed.
+fn crash_point(name: &str) {
+    if std::env::var("AGENT_CRASH_AT").is_ok_and(|v| v == name) {
+        warn!(point = name, "AGENT_CRASH_AT: aborting the agent");
+        std::process::abort();
+    }
+}
+
 /// Pause before retrying after a register query failed.
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -72,8 +84,10 @@ async fn execute(agent: &Agent, zn: &str, job: &JournalJob) -> Result<(), CallEr
     let id = job.job.clone();
     agent.transition(|j| j.start(&id, fd_before)).await;
     debug!(job = %job.job, kkt = %zn, fd_before, "executing");
+    crash_point("after-executing");
     match agent.call(zn, job.work.call(&job.job)).await {
         Ok(Reply::Fiscal(result)) => {
+            crash_point("before-report");
             agent.report(&job.job, Ok(result)).await;
             Ok(())
         }

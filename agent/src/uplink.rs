@@ -16,7 +16,7 @@ use protocol::tunnel::{
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// Heartbeat period; also the period of the controller ping echo.
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -166,14 +166,14 @@ async fn session(agent: &Arc<Agent>) -> Result<(), SessionError> {
     });
     let mut sent_upto = controller.applied_upto;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    let result = loop {
-        // Replay / send every durable entry not yet sent, in order.
+    let mut beats: u64 = 0;
+    let result = 'session: loop {
+        // Send every durable entry not yet sent, in order (the replay, then new reports).
         let batch = agent.journal().sendable(sent_upto);
         for entry in batch {
             sent_upto = entry.seq;
             if let Err(e) = write(&mut send, &AgentMessage::Outbox(entry)).await {
-                break_on(e);
-                return finish(agent, reader, Err(conn_err("write failed")));
+                break 'session Err(e);
             }
         }
         tokio::select! {
@@ -190,16 +190,17 @@ async fn session(agent: &Arc<Agent>) -> Result<(), SessionError> {
                 }
             }
             _ = heartbeat.tick() => {
-                let ping = AgentMessage::Heartbeat(agent.health());
-                if let Err(e) = write(&mut send, &ping).await { break Err(e) }
+                let beat = AgentMessage::Heartbeat(agent.health());
+                if let Err(e) = write(&mut send, &beat).await { break Err(e) }
+                beats += 1;
+                // Hourly: a long session must not outlive the certificate.
+                if beats % 720 == 0 {
+                    maybe_renew(agent, &id.info).await;
+                }
             }
         }
     };
     finish(agent, reader, result)
-}
-
-fn break_on(e: SessionError) {
-    debug!(error = %e, "tunnel write failed");
 }
 
 fn finish(
@@ -250,6 +251,15 @@ async fn maybe_renew(agent: &Agent, info: &identity::IdentityInfo) {
     let path = agent.data.join("renewal.key.pem");
     let lifetime = info.not_after.saturating_sub(file_age_base(&agent.data));
     if info.not_after > now && info.not_after - now > lifetime / 3 {
+        return;
+    }
+    // A renewal asked for recently is still on its way.
+    let recent = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < Duration::from_secs(600));
+    if recent {
         return;
     }
     match identity::new_key_and_csr(&info.name) {
