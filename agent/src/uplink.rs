@@ -143,7 +143,7 @@ async fn session(agent: &Arc<Agent>) -> Result<(), SessionError> {
             write(&mut send, &AgentMessage::Status(Box::new(s))).await?;
         }
     }
-    maybe_renew(agent, &id.info).await;
+    maybe_renew(agent).await;
 
     // Frames from the controller arrive through a reader task so that writing never waits on
     // reading.
@@ -195,7 +195,7 @@ async fn session(agent: &Arc<Agent>) -> Result<(), SessionError> {
                 beats += 1;
                 // Hourly: a long session must not outlive the certificate.
                 if beats % 720 == 0 {
-                    maybe_renew(agent, &id.info).await;
+                    maybe_renew(agent).await;
                 }
             }
         }
@@ -246,7 +246,12 @@ async fn handle(agent: &Arc<Agent>, msg: ControllerMessage) {
 }
 
 /// Renew when less than a third of the certificate's life is left (checked at each session).
-async fn maybe_renew(agent: &Agent, info: &identity::IdentityInfo) {
+async fn maybe_renew(agent: &Agent) {
+    let info = match agent.identity.lock() {
+        Ok(i) => i.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    let info = &info;
     let now = crate::agent::now_secs();
     let path = agent.data.join("renewal.key.pem");
     let lifetime = info.not_after.saturating_sub(file_age_base(&agent.data));
