@@ -33,3 +33,81 @@ pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
+
+/// A loopback UDP relay between QUIC peers that a test can cut and restore, so that a link outage
+/// needs no root and no firewall.
+pub mod relay {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+    use tokio::sync::Mutex;
+
+    #[derive(Clone)]
+    pub struct Relay {
+        pub addr: SocketAddr,
+        cut: Arc<AtomicBool>,
+    }
+
+    impl Relay {
+        /// Listens on 127.0.0.1 (OS-chosen port) and forwards to `target`.
+        pub async fn start(target: SocketAddr) -> std::io::Result<Relay> {
+            let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+            let addr = front.local_addr()?;
+            let cut = Arc::new(AtomicBool::new(false));
+            let upstreams: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
+            let relay = Relay {
+                addr,
+                cut: cut.clone(),
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    let Ok((n, client)) = front.recv_from(&mut buf).await else {
+                        return;
+                    };
+                    if cut.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let up = {
+                        let mut map = upstreams.lock().await;
+                        if let Some(u) = map.get(&client) {
+                            u.clone()
+                        } else {
+                            let Ok(u) = UdpSocket::bind("127.0.0.1:0").await else {
+                                continue;
+                            };
+                            if u.connect(target).await.is_err() {
+                                continue;
+                            }
+                            let u = Arc::new(u);
+                            map.insert(client, u.clone());
+                            let (back, front2, cut2) = (u.clone(), front.clone(), cut.clone());
+                            tokio::spawn(async move {
+                                let mut b = vec![0u8; 65_536];
+                                while let Ok(n) = back.recv(&mut b).await {
+                                    if !cut2.load(Ordering::SeqCst) {
+                                        let _ = front2.send_to(&b[..n], client).await;
+                                    }
+                                }
+                            });
+                            u
+                        }
+                    };
+                    let _ = up.send(&buf[..n]).await;
+                }
+            });
+            Ok(relay)
+        }
+
+        /// Drops every datagram in both directions until [`Relay::restore`].
+        pub fn cut(&self) {
+            self.cut.store(true, Ordering::SeqCst);
+        }
+
+        pub fn restore(&self) {
+            self.cut.store(false, Ordering::SeqCst);
+        }
+    }
+}
