@@ -82,6 +82,11 @@ pub struct Agent {
     pub outbox_ready: Notify,
     /// Woken (all waiters) when a register attaches or detaches.
     pub kkts_changed: Notify,
+    /// Highest outbox sequence number that is durable (for observers; the session uses the
+    /// journal itself).
+    pub durable_seq: tokio::sync::watch::Sender<u64>,
+    /// Whether a tunnel session is up.
+    pub link_up: tokio::sync::watch::Sender<bool>,
     pub link: Mutex<LinkStatus>,
     settings: Mutex<HashMap<String, KktSettings>>,
     pub identity: Mutex<IdentityInfo>,
@@ -111,6 +116,8 @@ impl Agent {
             uplink: Mutex::new(None),
             outbox_ready: Notify::new(),
             kkts_changed: Notify::new(),
+            durable_seq: tokio::sync::watch::Sender::new(0),
+            link_up: tokio::sync::watch::Sender::new(false),
             link: Mutex::new(LinkStatus {
                 controller,
                 ..LinkStatus::default()
@@ -306,6 +313,11 @@ impl Agent {
 
     fn outbox_durable(&self, seq: u64) {
         self.journal().mark_durable(seq);
+        self.durable_seq.send_if_modified(|s| {
+            let grew = seq > *s;
+            *s = (*s).max(seq);
+            grew
+        });
         self.outbox_ready.notify_one();
     }
 

@@ -171,26 +171,28 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
-fn transport() -> quinn::TransportConfig {
+/// Idle timeout of the tunnel unless configured otherwise; QUIC uses the smaller of both sides'.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn transport(idle: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // Keep-alive below the idle timeout so a quiet but healthy link stays up; a dead one is
+    // Keep-alive well below the idle timeout so a quiet but healthy link stays up; a dead one is
     // noticed within the idle timeout.
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-        30_000,
-    ))));
+    t.keep_alive_interval(Some(idle / 3));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t
 }
 
 fn quic_client(
     mut tls: rustls::ClientConfig,
     alpn: &[u8],
+    idle: Duration,
 ) -> Result<quinn::ClientConfig, IdentityError> {
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| IdentityError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport()));
+    cfg.transport_config(Arc::new(transport(idle)));
     Ok(cfg)
 }
 
@@ -251,7 +253,11 @@ pub async fn enroll(
         reason: e,
     };
     let conn = endpoint
-        .connect_with(quic_client(tls, ALPN_ENROLL)?, addr, &host)
+        .connect_with(
+            quic_client(tls, ALPN_ENROLL, DEFAULT_IDLE_TIMEOUT)?,
+            addr,
+            &host,
+        )
         .map_err(|e| connect_err(e.to_string()))?
         .await
         .map_err(|e| connect_err(e.to_string()))?;
@@ -372,7 +378,7 @@ pub fn load(data: &Path) -> Result<Identity, IdentityError> {
 }
 
 /// The mutual-TLS client configuration of the tunnel.
-pub fn tunnel_config(id: &Identity) -> Result<quinn::ClientConfig, IdentityError> {
+pub fn tunnel_config(id: &Identity, idle: Duration) -> Result<quinn::ClientConfig, IdentityError> {
     let mut roots = RootCertStore::empty();
     roots
         .add(id.ca.clone())
@@ -383,5 +389,5 @@ pub fn tunnel_config(id: &Identity) -> Result<quinn::ClientConfig, IdentityError
         .with_root_certificates(roots)
         .with_client_auth_cert(id.cert_chain.clone(), id.key.clone_key())
         .map_err(|e| IdentityError::Crypto(e.to_string()))?;
-    quic_client(tls, ALPN_TUNNEL)
+    quic_client(tls, ALPN_TUNNEL, idle)
 }

@@ -51,6 +51,9 @@ enum Command {
         journal_limit: usize,
         #[arg(long, default_value_t = 5000)]
         max_backoff_ms: u64,
+        /// Tunnel idle timeout in milliseconds: how fast a dead link is noticed.
+        #[arg(long, default_value_t = 30_000)]
+        idle_timeout_ms: u64,
     },
     /// Print the running agent's health.
     Status {
@@ -100,6 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             baud,
             journal_limit,
             max_backoff_ms,
+            idle_timeout_ms,
         } => {
             let started = agent::run::start(agent::run::Config {
                 data,
@@ -109,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 baud,
                 journal_limit,
                 max_backoff: Duration::from_millis(max_backoff_ms.max(100)),
+                idle_timeout: Duration::from_millis(idle_timeout_ms.max(300)),
             })
             .await?;
             // Machine-readable lines for scripts and tests that asked for port 0.

@@ -20,6 +20,8 @@ pub struct Config {
     /// Jobs + outbox entries held before new jobs are refused (see `journal`, invariant 5).
     pub journal_limit: usize,
     pub max_backoff: Duration,
+    /// Tunnel idle timeout: how fast a dead link is noticed (keep-alives go at a third of it).
+    pub idle_timeout: Duration,
 }
 
 pub struct Started {
@@ -51,7 +53,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Started> {
     }
     let app = crate::health::app(agent.clone());
     tokio::spawn(async move { axum::serve(health, app).await });
-    tokio::spawn(crate::uplink::run(agent.clone(), cfg.max_backoff));
+    tokio::spawn(crate::uplink::run(
+        agent.clone(),
+        cfg.max_backoff,
+        cfg.idle_timeout,
+    ));
     Ok(Started {
         agent,
         kkt_addr,

@@ -36,11 +36,11 @@ fn conn_err(e: impl std::fmt::Display) -> SessionError {
 }
 
 /// Keeps a session up for as long as the agent runs.
-pub async fn run(agent: Arc<Agent>, max_backoff: Duration) {
+pub async fn run(agent: Arc<Agent>, max_backoff: Duration, idle: Duration) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = std::time::Instant::now();
-        match session(&agent).await {
+        match session(&agent, idle).await {
             Ok(()) => {}
             Err(e) => {
                 warn!(error = %e, "tunnel session ended");
@@ -56,6 +56,7 @@ pub async fn run(agent: Arc<Agent>, max_backoff: Duration) {
             l.up = false;
             l.since = Some(crate::agent::now_secs());
         }
+        agent.link_up.send_replace(false);
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(200);
         }
@@ -85,12 +86,12 @@ async fn read(recv: &mut quinn::RecvStream) -> Result<Option<ControllerMessage>,
         .map_err(|e| SessionError::Protocol(e.to_string()))
 }
 
-async fn session(agent: &Arc<Agent>) -> Result<(), SessionError> {
+async fn session(agent: &Arc<Agent>, idle: Duration) -> Result<(), SessionError> {
     let id = identity::load(&agent.data)?;
     let (addr, host) = identity::resolve(&id.info.controller).await?;
     let endpoint = identity::endpoint_for(addr)?;
     let conn = endpoint
-        .connect_with(identity::tunnel_config(&id)?, addr, &host)
+        .connect_with(identity::tunnel_config(&id, idle)?, addr, &host)
         .map_err(conn_err)?
         .await
         .map_err(conn_err)?;
@@ -132,6 +133,7 @@ async fn session(agent: &Arc<Agent>) -> Result<(), SessionError> {
         l.since = Some(crate::agent::now_secs());
         l.last_error = None;
     }
+    agent.link_up.send_replace(true);
     // Registers already attached are announced again: the controller's view starts fresh.
     for (hello, transport, _, state) in agent.attached() {
         write(

@@ -12,8 +12,12 @@ use std::io::{BufRead, BufReader, Write};
 
 /// The register end: answers requests with the simulator's pure register core.
 fn register_on(mut port: TTYPort, zn: &str) {
-    let mut reg = Register::new(zn.into(), DriveConfig::new("9999078900000042".into(), [3; 32]));
-    port.set_timeout(std::time::Duration::from_secs(60)).unwrap();
+    let mut reg = Register::new(
+        zn.into(),
+        DriveConfig::new("9999078900000042".into(), [3; 32]),
+    );
+    port.set_timeout(std::time::Duration::from_secs(60))
+        .unwrap();
     let hello = KktMessage::Hello(reg.hello()).to_json();
     port.write_all(format!("{hello}\n").as_bytes()).unwrap();
     let mut reader = BufReader::new(port.try_clone_native().unwrap());

@@ -88,12 +88,17 @@ pub struct Device {
     drop_generation: AtomicU64,
     ofd_wake: Notify,
     events: broadcast::Sender<Event>,
+    /// The FN's last document number once it is durable, for observers (tests, checkers) that
+    /// wait for documents without polling.
+    formed: tokio::sync::watch::Sender<u32>,
     pub requests_served: AtomicU64,
 }
 
 impl Device {
     fn new(register: Register, faults: Faults) -> Arc<Self> {
+        let last_fd = register.drive.last_fd;
         Arc::new(Device {
+            formed: tokio::sync::watch::Sender::new(last_fd),
             register: Mutex::new(register),
             faults: Mutex::new(faults),
             connected: AtomicBool::new(false),
@@ -132,6 +137,11 @@ impl Device {
     /// asks for the state it missed after reconnecting).
     pub fn publish(&self, event: Event) {
         let _ = self.events.send(event);
+    }
+
+    /// Watches the FN's last durable document number.
+    pub fn formed(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.formed.subscribe()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -458,6 +468,7 @@ async fn execute(fleet: &Fleet, device: &Device, call: Call) -> Executed {
     }
     if let Some(f) = &outcome.formed {
         debug!(kkt = %zn, fd = f.result.fd_number, doc = ?f.result.document_type, "document formed");
+        device.formed.send_replace(f.result.fd_number);
         if matches!(call, Call::Receipt(_) | Call::Correction(_)) {
             if let Some(mode) = device.faults().crash_next_receipt.take() {
                 return Executed::Crash(mode);
