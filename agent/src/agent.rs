@@ -418,6 +418,7 @@ impl Agent {
     }
 
     pub async fn on_command(&self, id: u64, kkt: String, call: Call) {
+        let forms_document = call.forms_document();
         let outcome = match self.call(&kkt, call).await {
             Ok(r) => Ok(r),
             Err(CallError::Kkt(e)) => Err(e),
@@ -430,7 +431,16 @@ impl Agent {
                 "the register's link went down before it answered; read its status",
             )),
         };
-        self.send_up(AgentMessage::CommandResult { id, kkt, outcome });
+        let refresh = forms_document && outcome.is_ok();
+        self.send_up(AgentMessage::CommandResult {
+            id,
+            kkt: kkt.clone(),
+            outcome,
+        });
+        // A shift or registration changed: the controller (and the health page) should see it.
+        if refresh {
+            self.refresh_status(&kkt).await;
+        }
     }
 
     pub fn health(&self) -> Health {

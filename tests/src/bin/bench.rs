@@ -39,6 +39,17 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         receipts: u64,
     },
+    /// The edge link: agent RSS with N registers, added round trip of a job, replay rate.
+    Edge {
+        #[arg(long, default_value_t = 8)]
+        registers: usize,
+        /// Sequential jobs timed for the round trip.
+        #[arg(long, default_value_t = 500)]
+        rtt_jobs: usize,
+        /// Jobs whose results are buffered during a link cut and then replayed.
+        #[arg(long, default_value_t = 4000)]
+        replay_jobs: usize,
+    },
     /// Documents acknowledged per second by the simulated OFD.
     Ofd {
         /// Concurrent FNs (one TCP connection each, as real KKTs).
@@ -85,6 +96,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             receipts,
         } => sim_footprint(registers, receipts).await,
         Scenario::Ofd { fns, docs_per_fn } => ofd(fns, docs_per_fn).await,
+        Scenario::Edge {
+            registers,
+            rtt_jobs,
+            replay_jobs,
+        } => edge(registers, rtt_jobs, replay_jobs).await,
     }
 }
 
@@ -310,4 +326,269 @@ async fn ofd(fns: usize, docs_per_fn: usize) -> anyhow::Result<()> {
     );
     println!("(last ratio: OFD rate over the one-commit-per-document ceiling; group commit is what lifts it)");
     Ok(())
+}
+
+#[derive(Default)]
+struct ReplayCounts {
+    accepted: std::collections::HashSet<String>,
+    completed: std::collections::HashSet<String>,
+    connected: u32,
+    disconnected: u32,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+async fn edge(registers: usize, rtt_jobs: usize, replay_jobs: usize) -> anyhow::Result<()> {
+    use controller::tunnel::TunnelEvent;
+    use protocol::tunnel::Work;
+    use system_tests::relay::Relay;
+    use system_tests::system::{AgentProcess, System};
+
+    let mut sys = System::start().await?;
+    let data = sys.dir.path().join("agent");
+    sys.enroll(&data).await?;
+    let relay = Relay::start(sys.tunnel.local_addr()).await?;
+    let id_path = data.join("identity.json");
+    let mut id: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&id_path)?)?;
+    id["controller"] = relay.addr.to_string().into();
+    std::fs::write(&id_path, id.to_string())?;
+    let agent = AgentProcess::spawn(&data, None, &[])?;
+    let fleet =
+        system_tests::system::registers(agent.kkt_addr, registers, &sys.dir.path().join("sim"), 0)?;
+    let mut kkts = Vec::new();
+    while kkts.len() < registers {
+        if let TunnelEvent::KktAttached { kkt, .. } = sys
+            .wait(|e| matches!(e, TunnelEvent::KktAttached { .. }))
+            .await
+        {
+            if !kkts.contains(&kkt) {
+                kkts.push(kkt);
+            }
+        }
+    }
+    for k in &kkts {
+        sys.prepare(k).await?;
+    }
+    eprintln!("{registers} registers attached and registered; measuring");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss, _) = memory_kib(agent.child.id()).context("agent memory")?;
+
+    // Round trip of one job at a time: dispatch → agent → register → result applied.
+    let mut rtts = Vec::with_capacity(rtt_jobs);
+    for n in 0..rtt_jobs {
+        let job = format!("rtt-{n}");
+        let kkt = &kkts[n % kkts.len()];
+        let t = Instant::now();
+        sys.tunnel
+            .dispatch(&job, kkt, Work::Receipt(fixtures::receipt(n as u64, None)))
+            .await?;
+        sys.wait(|e| matches!(e, TunnelEvent::JobCompleted { job: j, .. } if *j == job))
+            .await;
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+
+    eprintln!("round trips measured");
+    // The register's own time for the same receipt, driven directly over its WebSocket.
+    let own = register_own_time(rtt_jobs.min(300)).await?;
+
+    // Replay: results pile up while the link is cut, then flow when it returns. Events are
+    // counted by their own task so that none are lost to a lagging receiver.
+    let counts = Arc::new(std::sync::Mutex::new(ReplayCounts::default()));
+    let changed = Arc::new(tokio::sync::Notify::new());
+    {
+        let mut rx = sys.tunnel.subscribe();
+        let (counts, changed) = (counts.clone(), changed.clone());
+        tokio::spawn(async move {
+            loop {
+                let e = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        eprintln!("event receiver lagged by {n}");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                if let Ok(mut c) = counts.lock() {
+                    match e {
+                        TunnelEvent::JobAccepted { job, .. } if job.starts_with("replay-") => {
+                            c.accepted.insert(job);
+                        }
+                        TunnelEvent::JobCompleted { job, .. } if job.starts_with("replay-") => {
+                            c.completed.insert(job);
+                        }
+                        TunnelEvent::AgentConnected { .. } => c.connected += 1,
+                        TunnelEvent::AgentDisconnected { .. } => c.disconnected += 1,
+                        _ => continue,
+                    }
+                }
+                changed.notify_waiters();
+            }
+        });
+    }
+    let wait_until = |pred: Box<dyn Fn(&ReplayCounts) -> bool + Send>| {
+        let (counts, changed) = (counts.clone(), changed.clone());
+        async move {
+            loop {
+                let n = changed.notified();
+                tokio::pin!(n);
+                n.as_mut().enable();
+                if counts.lock().map(|c| pred(&c)).unwrap_or(false) {
+                    return;
+                }
+                n.await;
+            }
+        }
+    };
+    for k in &kkts {
+        fleet.device(k).context("device")?.faults().latency_ms = 20;
+    }
+    for n in 0..replay_jobs {
+        let kkt = &kkts[n % kkts.len()];
+        sys.tunnel
+            .dispatch(
+                &format!("replay-{n}"),
+                kkt,
+                Work::Receipt(fixtures::receipt(n as u64, None)),
+            )
+            .await?;
+    }
+    wait_until(Box::new(move |c| c.accepted.len() >= replay_jobs)).await;
+    relay.cut();
+    eprintln!("{replay_jobs} jobs accepted; link cut");
+    wait_until(Box::new(|c| c.disconnected >= 1)).await;
+    let mut formed = Vec::new();
+    for k in &kkts {
+        let d = fleet.device(k).context("device")?;
+        d.faults().latency_ms = 0;
+        formed.push(d.formed());
+    }
+    // Every register finishes its share while the link is down (one document per job).
+    let before_cut = counts.lock().map(|c| c.completed.len()).unwrap_or(0);
+    for (i, mut f) in formed.into_iter().enumerate() {
+        let share = (0..replay_jobs).filter(|n| n % kkts.len() == i).count() as u32;
+        let rtt_share = (0..rtt_jobs).filter(|n| n % kkts.len() == i).count() as u32;
+        f.wait_for(|fd| *fd >= 2 + rtt_share + share).await?;
+    }
+    // The agent journals the last results right after the register answers.
+    let health = loop {
+        let h = agent::health::fetch(&agent.health_addr.to_string())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if h.journal_depth as usize >= replay_jobs - before_cut {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let buffered = health.outbox_depth;
+    eprintln!("{buffered} outbox entries buffered; restoring the link");
+    relay.restore();
+    wait_until(Box::new(|c| c.connected >= 1)).await;
+    let t0 = Instant::now();
+    wait_until(Box::new(move |c| c.completed.len() >= replay_jobs)).await;
+    let replay_time = t0.elapsed();
+    let anomalies = sys.tunnel.anomalies()?.len();
+
+    header();
+    row(
+        &format!("agent RSS, idle, {registers} registers"),
+        rss as f64 / 1024.0,
+        "MiB",
+        "<= 20 MiB",
+        rss as f64 / 1024.0 / 20.0,
+    );
+    let p50 = percentile(&rtts, 0.5).as_secs_f64() * 1e3;
+    let p99 = percentile(&rtts, 0.99).as_secs_f64() * 1e3;
+    let own50 = percentile(&own, 0.5).as_secs_f64() * 1e3;
+    let own99 = percentile(&own, 0.99).as_secs_f64() * 1e3;
+    info(
+        "job round trip p50 (controller→agent→register→back)",
+        p50,
+        "ms",
+    );
+    info("job round trip p99", p99, "ms");
+    info("register's own time p50 (direct WebSocket)", own50, "ms");
+    info("register's own time p99", own99, "ms");
+    row(
+        "added by the edge link, p50",
+        p50 - own50,
+        "ms",
+        "<= 1 ms",
+        (p50 - own50) / 1.0,
+    );
+    info("added by the edge link, p99", p99 - own99, "ms");
+    info(
+        "outbox entries buffered during the cut",
+        buffered as f64,
+        "entries",
+    );
+    let rate = buffered as f64 / replay_time.as_secs_f64();
+    row(
+        "replay after reconnect",
+        rate,
+        "entries/s",
+        ">= 5000/s",
+        rate / 5000.0,
+    );
+    info("duplicate fiscalizations (anomalies)", anomalies as f64, "");
+    Ok(())
+}
+
+/// A receipt's round trip over a direct WebSocket to one simulated register: the time the
+/// register itself takes (parsing, FN, durable state), which the edge link adds to.
+async fn register_own_time(n: usize) -> anyhow::Result<Vec<Duration>> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let dir = tempfile::tempdir()?;
+    let _fleet = system_tests::system::registers(listener.local_addr()?, 1, dir.path(), 0)?;
+    let (tcp, _) = listener.accept().await?;
+    let ws = tokio_tungstenite::accept_async(tcp).await?;
+    let (mut tx, mut rx) = ws.split();
+    let zn = match rx.next().await {
+        Some(Ok(Message::Text(t))) => match KktMessage::from_json(t.as_str())? {
+            KktMessage::Hello(h) => h.zn,
+            _ => bail!("no hello"),
+        },
+        _ => bail!("no hello"),
+    };
+    let ofd = fixtures::ofd_endpoint(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+    let mut calls = vec![
+        Call::Register(fixtures::registration(&zn, fixtures::DEMO_INN, ofd)?),
+        Call::OpenShift(Operator::default()),
+    ];
+    calls.extend(
+        (0..n as u64).map(|i| Call::Receipt(fixtures::receipt(i, Some(format!("own-{i}"))))),
+    );
+    let mut times = Vec::new();
+    for (id, call) in calls.into_iter().enumerate() {
+        let timed = matches!(call, Call::Receipt(_));
+        let t = Instant::now();
+        tx.send(Message::text(
+            KktMessage::Request(Request {
+                id: id as u64,
+                call,
+            })
+            .to_json(),
+        ))
+        .await?;
+        loop {
+            match rx.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    if let KktMessage::Response(_) = KktMessage::from_json(t.as_str())? {
+                        break;
+                    }
+                }
+                other => bail!("link ended: {other:?}"),
+            }
+        }
+        if timed {
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    Ok(times)
 }
