@@ -38,18 +38,38 @@ pub fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
+/// Longest a register may take to answer one call (registers with a slow printer take seconds).
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// A request to a register: the call and where its answer goes. A dropped sender means the link
 /// went down before the answer: the outcome is unknown.
 pub type KktRequest = (Call, oneshot::Sender<Result<Reply, KktError>>);
 
 struct Attachment {
     generation: u64,
+    /// Tells the link's driver to drop the link (a register that stopped answering).
+    close: Arc<Notify>,
     hello: Hello,
     transport: String,
     requests: mpsc::Sender<KktRequest>,
     wake: Arc<Notify>,
     since: u64,
     state: Option<KktState>,
+}
+
+/// A dispatch decided and queued, waiting to be answered.
+pub enum DispatchStep {
+    Accept {
+        job: String,
+        attempt: u32,
+        kkt: String,
+        pending: Option<Pending>,
+    },
+    Refuse {
+        job: String,
+        attempt: u32,
+        reason: String,
+    },
 }
 
 /// Why a register call did not produce an answer.
@@ -166,14 +186,16 @@ impl Agent {
         hello: Hello,
         transport: String,
         requests: mpsc::Sender<KktRequest>,
+        close: Arc<Notify>,
     ) -> u64 {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let zn = hello.zn.clone();
         let wake = Arc::new(Notify::new());
-        lock(&self.kkts).insert(
+        let replaced = lock(&self.kkts).insert(
             zn.clone(),
             Attachment {
                 generation,
+                close,
                 hello: hello.clone(),
                 transport: transport.clone(),
                 requests,
@@ -182,6 +204,11 @@ impl Agent {
                 state: None,
             },
         );
+        if let Some(old) = replaced {
+            // The same register on a new link: the old link and its executor must go.
+            old.close.notify_one();
+            old.wake.notify_one();
+        }
         info!(kkt = %zn, fn_number = %hello.fn_number, %transport, "register attached");
         self.kkts_changed.notify_waiters();
         self.send_up(AgentMessage::Attached(Attached { hello, transport }));
@@ -231,20 +258,39 @@ impl Agent {
         }
     }
 
-    /// Sends one call to a register and waits for its answer.
+    /// Sends one call to a register's current link and waits for its answer.
     pub async fn call(&self, zn: &str, call: Call) -> Result<Reply, CallError> {
-        let tx = lock(&self.kkts)
+        let generation = lock(&self.kkts)
             .get(zn)
-            .map(|a| a.requests.clone())
+            .map(|a| a.generation)
+            .ok_or(CallError::NotAttached)?;
+        self.call_on(zn, generation, call).await
+    }
+
+    /// Sends one call on the link of one attachment. An executor calls only through its own
+    /// attachment: after the register reattached, an old executor's calls fail instead of reaching
+    /// the new link, so two executors can never both send to one register.
+    pub async fn call_on(&self, zn: &str, generation: u64, call: Call) -> Result<Reply, CallError> {
+        let (tx, close) = lock(&self.kkts)
+            .get(zn)
+            .filter(|a| a.generation == generation)
+            .map(|a| (a.requests.clone(), a.close.clone()))
             .ok_or(CallError::NotAttached)?;
         let (reply_tx, reply_rx) = oneshot::channel();
         tx.send((call, reply_tx))
             .await
             .map_err(|_| CallError::LinkLost)?;
-        match reply_rx.await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => Err(CallError::Kkt(e)),
-            Err(_) => Err(CallError::LinkLost),
+        match tokio::time::timeout(CALL_TIMEOUT, reply_rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(e))) => Err(CallError::Kkt(e)),
+            Ok(Err(_)) => Err(CallError::LinkLost),
+            Err(_) => {
+                // A register that stops answering on an open link would hold its jobs forever:
+                // drop the link, so that it reconnects and recovery settles what was in flight.
+                warn!(kkt = %zn, "register did not answer in time; dropping its link");
+                close.notify_one();
+                Err(CallError::LinkLost)
+            }
         }
     }
 
@@ -323,29 +369,50 @@ impl Agent {
 
     // ---- jobs -----------------------------------------------------------------------------
 
-    /// Journals a dispatch (durably) and answers it.
-    pub async fn on_dispatch(&self, d: Dispatch) {
-        let job = d.job.clone();
-        let attempt = d.attempt;
-        let kkt = d.kkt.clone();
-        if !lock(&self.kkts).contains_key(&kkt) && self.journal().job(&job).is_none() {
-            self.send_up(AgentMessage::Refused {
+    /// Decides on a dispatch and queues its journal write, without waiting: the tunnel session
+    /// calls this inline, so a dispatch is in the journal before the session can end and a later
+    /// hello be built without it. [`Agent::finish_dispatch`] then waits for durability and
+    /// answers.
+    pub fn decide_dispatch(&self, d: Dispatch) -> DispatchStep {
+        let attached = lock(&self.kkts).contains_key(&d.kkt);
+        let mut j = self.journal();
+        if !attached && j.job(&d.job).is_none() {
+            return DispatchStep::Refuse {
+                job: d.job,
+                attempt: d.attempt,
+                reason: format!("register {} is not attached to this agent", d.kkt),
+            };
+        }
+        let (job, attempt, kkt) = (d.job.clone(), d.attempt, d.kkt.clone());
+        match j.dispatch(d, now_secs()) {
+            DispatchDecision::Accept(writes) => DispatchStep::Accept {
                 job,
                 attempt,
-                reason: format!("register {kkt} is not attached to this agent"),
-            });
-            return;
+                kkt,
+                pending: Some(self.store.enqueue(writes)),
+            },
+            DispatchDecision::AlreadyHeld => DispatchStep::Accept {
+                job,
+                attempt,
+                kkt,
+                pending: None,
+            },
+            DispatchDecision::Refuse(reason) => DispatchStep::Refuse {
+                job,
+                attempt,
+                reason,
+            },
         }
-        let decision = {
-            let mut j = self.journal();
-            match j.dispatch(d, now_secs()) {
-                DispatchDecision::Accept(writes) => Ok(Some(self.store.enqueue(writes))),
-                DispatchDecision::AlreadyHeld => Ok(None),
-                DispatchDecision::Refuse(reason) => Err(reason),
-            }
-        };
-        match decision {
-            Ok(pending) => {
+    }
+
+    pub async fn finish_dispatch(&self, step: DispatchStep) {
+        match step {
+            DispatchStep::Accept {
+                job,
+                attempt,
+                kkt,
+                pending,
+            } => {
                 if let Some(p) = pending {
                     self.durable(p).await;
                 }
@@ -353,8 +420,12 @@ impl Agent {
                 self.send_up(AgentMessage::Accepted { job, attempt });
                 self.wake(&kkt);
             }
-            Err(reason) => {
-                warn!(%job, %kkt, %reason, "job refused");
+            DispatchStep::Refuse {
+                job,
+                attempt,
+                reason,
+            } => {
+                warn!(%job, %reason, "job refused");
                 self.send_up(AgentMessage::Refused {
                     job,
                     attempt,
@@ -364,21 +435,29 @@ impl Agent {
         }
     }
 
+    /// Journals a dispatch (durably) and answers it.
+    pub async fn on_dispatch(&self, d: Dispatch) {
+        let step = self.decide_dispatch(d);
+        self.finish_dispatch(step).await;
+    }
+
     pub fn next_job(&self, zn: &str) -> Option<JournalJob> {
         self.journal().next_for(zn).cloned()
     }
 
-    /// Applies a journal transition and waits until it is durable.
-    pub async fn transition(&self, f: impl FnOnce(&mut Journal) -> Vec<Write>) {
+    /// Applies a journal transition and waits until it is durable. `false` when the transition
+    /// did not apply (the job was not in the expected phase): the caller must not act on it.
+    pub async fn transition(&self, f: impl FnOnce(&mut Journal) -> Vec<Write>) -> bool {
         let pending = {
             let mut j = self.journal();
             let writes = f(&mut j);
             if writes.is_empty() {
-                return;
+                return false;
             }
             self.store.enqueue(writes)
         };
         self.durable(pending).await;
+        true
     }
 
     /// Reports a job's outcome: outbox entry durable first, then sent.
@@ -445,14 +524,18 @@ impl Agent {
 
     pub fn health(&self) -> Health {
         let now = now_secs();
+        // Lock order: never hold the journal while taking the registers (on_dispatch does the
+        // reverse order in sequence, never nested).
+        let kkts = lock(&self.kkts).len() as u32;
+        let rtt_micros = lock(&self.link).rtt_micros;
         let j = self.journal();
         Health {
             sent_at_micros: now_micros(),
-            rtt_micros: lock(&self.link).rtt_micros,
+            rtt_micros,
             journal_depth: j.depth() as u64,
             outbox_depth: j.outbox_depth() as u64,
             oldest_unacked_secs: j.oldest_unacked(now),
-            kkts: lock(&self.kkts).len() as u32,
+            kkts,
             version: VERSION.to_owned(),
             alarm: j.alarm(),
         }
@@ -460,7 +543,7 @@ impl Agent {
 
     /// The phase of a journaled job (tests and the health page).
     pub fn job_phase(&self, job: &str) -> Option<JobPhase> {
-        self.journal().job(job).map(|j| j.phase)
+        self.journal().job(job).map(|j| j.phase.clone())
     }
 
     pub fn fd_request(fd_number: u32) -> Call {

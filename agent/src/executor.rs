@@ -34,7 +34,12 @@ pub async fn run(agent: Arc<Agent>, zn: String, generation: u64, wake: Arc<Notif
             wake.notified().await;
             continue;
         };
-        match step(&agent, &zn, job).await {
+        let on = Link {
+            agent: &agent,
+            zn: &zn,
+            generation,
+        };
+        match step(&on, job).await {
             Ok(()) => {}
             Err(CallError::LinkLost) | Err(CallError::NotAttached) => {
                 debug!(kkt = %zn, "link lost during a job; recovery runs on reattach");
@@ -53,27 +58,49 @@ pub async fn run(agent: Arc<Agent>, zn: String, generation: u64, wake: Arc<Notif
     }
 }
 
-async fn last_fd(agent: &Agent, zn: &str) -> Result<u32, CallError> {
-    match agent.call(zn, Call::GetFnInfo).await? {
-        Reply::FnInfo(i) => Ok(i.last_fd_number),
-        other => Err(CallError::Kkt(KktError::new(
-            ErrorCode::INVALID_PARAMETER,
-            format!("getFnInfo answered {other:?}"),
-        ))),
+/// One attachment of one register: every call the executor makes goes through it.
+struct Link<'a> {
+    agent: &'a Agent,
+    zn: &'a str,
+    generation: u64,
+}
+
+impl Link<'_> {
+    async fn call(&self, call: Call) -> Result<Reply, CallError> {
+        self.agent.call_on(self.zn, self.generation, call).await
+    }
+
+    /// The FN's number and its last document number.
+    async fn fn_position(&self) -> Result<(String, u32), CallError> {
+        match self.call(Call::GetFnInfo).await? {
+            Reply::FnInfo(i) => Ok((i.fn_number, i.last_fd_number)),
+            other => Err(unexpected("getFnInfo", &other)),
+        }
     }
 }
 
-async fn step(agent: &Agent, zn: &str, job: JournalJob) -> Result<(), CallError> {
-    match job.phase {
+fn unexpected(what: &str, reply: &Reply) -> CallError {
+    CallError::Kkt(KktError::new(
+        ErrorCode::INVALID_PARAMETER,
+        format!("{what} answered {reply:?}"),
+    ))
+}
+
+async fn step(link: &Link<'_>, job: JournalJob) -> Result<(), CallError> {
+    match &job.phase {
         JobPhase::Reported { .. } => Ok(()),
-        JobPhase::Executing { fd_before } => recover(agent, zn, &job, fd_before).await,
-        JobPhase::Accepted => execute(agent, zn, &job).await,
+        JobPhase::Executing {
+            fn_number,
+            fd_before,
+        } => recover(link, &job, fn_number, *fd_before).await,
+        JobPhase::Accepted => execute(link, &job).await,
     }
 }
 
-async fn execute(agent: &Agent, zn: &str, job: &JournalJob) -> Result<(), CallError> {
-    let fd_before = match last_fd(agent, zn).await {
-        Ok(fd) => fd,
+async fn execute(link: &Link<'_>, job: &JournalJob) -> Result<(), CallError> {
+    let (agent, zn) = (link.agent, link.zn);
+    let (fn_number, fd_before) = match link.fn_position().await {
+        Ok(p) => p,
         Err(CallError::Kkt(e)) => {
             // Nothing was sent: the register refused even to report; the job was not fiscalized.
             agent.report(&job.job, Err(e)).await;
@@ -82,10 +109,16 @@ async fn execute(agent: &Agent, zn: &str, job: &JournalJob) -> Result<(), CallEr
         Err(e) => return Err(e),
     };
     let id = job.job.clone();
-    agent.transition(|j| j.start(&id, fd_before)).await;
+    if !agent
+        .transition(|j| j.start(&id, &fn_number, fd_before))
+        .await
+    {
+        // Someone else moved the job on (a newer executor after a reattach): not ours to send.
+        return Ok(());
+    }
     debug!(job = %job.job, kkt = %zn, fd_before, "executing");
     crash_point("after-executing");
-    match agent.call(zn, job.work.call(&job.job)).await {
+    match link.call(job.work.call(&job.job)).await {
         Ok(Reply::Fiscal(result)) => {
             crash_point("before-report");
             agent.report(&job.job, Ok(result)).await;
@@ -94,7 +127,7 @@ async fn execute(agent: &Agent, zn: &str, job: &JournalJob) -> Result<(), CallEr
         Ok(other) => {
             // Not a fiscal answer: treat the outcome as unknown and settle it from the archive.
             warn!(job = %job.job, kkt = %zn, ?other, "unexpected answer to a receipt");
-            recover(agent, zn, job, fd_before).await
+            recover(link, job, &fn_number, fd_before).await
         }
         Err(CallError::Kkt(e)) => {
             // An error answer is the register's proof that no document was formed.
@@ -107,26 +140,36 @@ async fn execute(agent: &Agent, zn: &str, job: &JournalJob) -> Result<(), CallEr
     }
 }
 
-/// The outcome of a job left `Executing` is unknown: ask the FN.
+/// The outcome of a job left `Executing` is unknown: ask the FN it was sent to.
 async fn recover(
-    agent: &Agent,
-    zn: &str,
+    link: &Link<'_>,
     job: &JournalJob,
+    fn_number: &str,
     fd_before: u32,
 ) -> Result<(), CallError> {
-    let last = last_fd(agent, zn).await?;
+    let (agent, zn) = (link.agent, link.zn);
+    let (current_fn, last) = link.fn_position().await?;
+    if current_fn != fn_number {
+        // The FN was replaced since: its archive cannot prove anything about this job. Leave it
+        // executing (the controller shows it in doubt) for an operator to settle.
+        tracing::error!(job = %job.job, kkt = %zn, was = %fn_number, now = %current_fn,
+            "FN changed with a job in flight; settle it by hand from the old FN");
+        return Err(CallError::Kkt(KktError::new(
+            ErrorCode::WRONG_FN_STATE,
+            "FN changed with a job in flight",
+        )));
+    }
     for fd in fd_before.saturating_add(1)..=last {
-        match agent.call(zn, Agent::fd_request(fd)).await {
-            Ok(Reply::FnDocument(doc)) => {
+        match link.call(Agent::fd_request(fd)).await? {
+            Reply::FnDocument(doc) => {
                 if doc.result.additional_attribute.as_deref() == Some(job.job.as_str()) {
                     info!(job = %job.job, kkt = %zn, fd, "recovered: the receipt was fiscalized");
                     agent.report(&job.job, Ok(doc.result)).await;
                     return Ok(());
                 }
             }
-            Ok(_) => {}
             // Without every document read, "not fiscalized" would be a guess: give up for now.
-            Err(e) => return Err(e),
+            other => return Err(unexpected("getFnDocument", &other)),
         }
     }
     // The FN holds no document for this job: it was not fiscalized and may run again.

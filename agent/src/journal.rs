@@ -32,13 +32,13 @@ pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Where a journaled job stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobPhase {
     /// Journaled, not yet sent to the register.
     Accepted,
-    /// Sent (or about to be) with the FN at `fd_before`; the outcome is unknown until the register
-    /// answers or the archive is read.
-    Executing { fd_before: u32 },
+    /// Sent (or about to be) with FN `fn_number` at `fd_before`; the outcome is unknown until the
+    /// register answers or that FN's archive is read.
+    Executing { fn_number: String, fd_before: u32 },
     /// Its outcome is outbox entry `seq`, awaiting the controller's ack.
     Reported { seq: u64 },
 }
@@ -181,10 +181,13 @@ impl Journal {
     }
 
     /// Records the FN's last number before the receipt goes out (invariant 2).
-    pub fn start(&mut self, id: &str, fd_before: u32) -> Vec<Write> {
+    pub fn start(&mut self, id: &str, fn_number: &str, fd_before: u32) -> Vec<Write> {
         match self.jobs.get_mut(id) {
             Some(j) if j.phase == JobPhase::Accepted => {
-                j.phase = JobPhase::Executing { fd_before };
+                j.phase = JobPhase::Executing {
+                    fn_number: fn_number.to_owned(),
+                    fd_before,
+                };
                 vec![Write::PutJob(Box::new(j.clone()))]
             }
             _ => Vec::new(),
@@ -520,10 +523,17 @@ mod tests {
             DispatchDecision::Refuse(_)
         ));
         assert_eq!(j.next_for("K1").map(|x| x.job.as_str()), Some("a"));
-        assert_eq!(j.start("a", 41).len(), 1);
+        assert_eq!(j.start("a", "F", 41).len(), 1);
+        assert!(
+            j.start("a", "F", 41).is_empty(),
+            "a second start is a no-op"
+        );
         assert_eq!(
-            j.job("a").map(|x| x.phase),
-            Some(JobPhase::Executing { fd_before: 41 })
+            j.job("a").map(|x| x.phase.clone()),
+            Some(JobPhase::Executing {
+                fn_number: "F".into(),
+                fd_before: 41
+            })
         );
         let (entry, writes) = j.complete("a", result(42), 5).expect("reported");
         assert_eq!(entry.seq, 1);
@@ -551,7 +561,7 @@ mod tests {
         let mut j = Journal::new(10);
         let _ = j.dispatch(dispatch("a", 1), 1);
         let _ = j.dispatch(dispatch("b", 1), 2);
-        let _ = j.start("b", 7);
+        let _ = j.start("b", "F", 7);
         assert_eq!(j.next_for("K1").map(|x| x.job.as_str()), Some("b"));
         assert!(j.retry("a").is_empty(), "an accepted job is not retried");
         assert_eq!(j.retry("b").len(), 1);
@@ -567,7 +577,7 @@ mod tests {
     fn a_full_journal_refuses_new_jobs_but_keeps_reporting() {
         let mut j = Journal::new(2);
         let _ = j.dispatch(dispatch("a", 1), 0);
-        let _ = j.start("a", 0);
+        let _ = j.start("a", "F", 0);
         let _ = j.complete("a", result(1), 0);
         assert!(j.is_full(), "one job + one outbox entry");
         assert!(matches!(
@@ -598,7 +608,7 @@ mod tests {
         let mut j = Journal::new(100);
         for id in ["a", "b", "c"] {
             let _ = j.dispatch(dispatch(id, 1), 0);
-            let _ = j.start(id, 0);
+            let _ = j.start(id, "F", 0);
             let _ = j.complete(id, result(1), 0);
         }
         assert!(j.sendable(0).is_empty(), "nothing is durable yet");
@@ -625,7 +635,7 @@ mod tests {
         let mut j = Journal::new(100);
         for (n, id) in ["a", "b", "c"].iter().enumerate() {
             let _ = j.dispatch(dispatch(id, 1), n as u64);
-            let _ = j.start(id, 0);
+            let _ = j.start(id, "F", 0);
             let _ = j.complete(id, result(n as u32), 0);
         }
         let _ = j.ack(2);
@@ -661,13 +671,13 @@ mod tests {
                 all.extend(w);
             }
         }
-        all.extend(j.start("a", 5));
+        all.extend(j.start("a", "F", 5));
         all.extend(
             j.complete("a", result(6), 4)
                 .map(|(_, w)| w)
                 .unwrap_or_default(),
         );
-        all.extend(j.start("b", 6));
+        all.extend(j.start("b", "F", 6));
         all.extend(j.ack(1));
         let txn = db.begin_write().expect("txn");
         apply(&txn, &all).expect("apply");

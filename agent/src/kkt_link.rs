@@ -209,7 +209,8 @@ pub async fn drive(
     };
     let zn = hello.zn.clone();
     let (req_tx, mut req_rx) = mpsc::channel::<KktRequest>(REQUEST_QUEUE);
-    let generation = agent.attach(hello, transport.clone(), req_tx);
+    let close = Arc::new(tokio::sync::Notify::new());
+    let generation = agent.attach(hello, transport.clone(), req_tx, close.clone());
     let mut pending: HashMap<
         u64,
         oneshot::Sender<Result<protocol::kkt::Reply, protocol::kkt::KktError>>,
@@ -217,6 +218,10 @@ pub async fn drive(
     let mut next_id: u64 = 1;
     loop {
         tokio::select! {
+            _ = close.notified() => {
+                info!(kkt = %zn, %transport, "dropping the register's link");
+                break;
+            }
             req = req_rx.recv() => {
                 let Some((call, reply)) = req else { break };
                 let id = next_id;

@@ -219,8 +219,11 @@ async fn handle(agent: &Arc<Agent>, msg: ControllerMessage) {
     match msg {
         ControllerMessage::Ack { upto } => agent.on_ack(upto),
         ControllerMessage::Dispatch(d) => {
+            // Decided and queued here, before the next frame is read: a session that ends now
+            // still has the job in the journal the next hello is built from.
+            let step = agent.decide_dispatch(d);
             let agent = agent.clone();
-            tokio::spawn(async move { agent.on_dispatch(d).await });
+            tokio::spawn(async move { agent.finish_dispatch(step).await });
         }
         ControllerMessage::Settings { kkt, settings } => {
             let agent = agent.clone();
