@@ -105,6 +105,8 @@ pub struct Agent {
     /// Highest outbox sequence number that is durable (for observers; the session uses the
     /// journal itself).
     pub durable_seq: tokio::sync::watch::Sender<u64>,
+    /// Woken (all waiters) when a renewed certificate has been stored.
+    pub renewed: Notify,
     /// Whether a tunnel session is up.
     pub link_up: tokio::sync::watch::Sender<bool>,
     pub link: Mutex<LinkStatus>,
@@ -138,6 +140,7 @@ impl Agent {
             kkts_changed: Notify::new(),
             durable_seq: tokio::sync::watch::Sender::new(0),
             link_up: tokio::sync::watch::Sender::new(false),
+            renewed: Notify::new(),
             link: Mutex::new(LinkStatus {
                 controller,
                 ..LinkStatus::default()

@@ -168,7 +168,6 @@ async fn session(agent: &Arc<Agent>, idle: Duration) -> Result<(), SessionError>
     });
     let mut sent_upto = controller.applied_upto;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    let mut beats: u64 = 0;
     let result = 'session: loop {
         // Send every durable entry not yet sent, in order (the replay, then new reports).
         let batch = agent.journal().sendable(sent_upto);
@@ -194,11 +193,8 @@ async fn session(agent: &Arc<Agent>, idle: Duration) -> Result<(), SessionError>
             _ = heartbeat.tick() => {
                 let beat = AgentMessage::Heartbeat(agent.health());
                 if let Err(e) = write(&mut send, &beat).await { break Err(e) }
-                beats += 1;
-                // Hourly: a long session must not outlive the certificate.
-                if beats % 720 == 0 {
-                    maybe_renew(agent).await;
-                }
+                // A long session must not outlive the certificate; the check is two numbers.
+                maybe_renew(agent).await;
             }
         }
     };
@@ -318,6 +314,7 @@ fn renewed(agent: &Agent, cert: protocol::tunnel::IssuedCertificate) {
                 not_after = cert.not_after,
                 "certificate renewed; used from the next connection"
             );
+            agent.renewed.notify_waiters();
         }
         Err(e) => warn!(error = %e, "renewed certificate not stored"),
     }

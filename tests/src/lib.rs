@@ -143,13 +143,19 @@ pub mod system {
 
     impl System {
         pub async fn start() -> anyhow::Result<System> {
+            Self::start_with(|_| {}).await
+        }
+
+        /// Starts with a tunnel configuration adjusted by `tune` (short certificate life, ...).
+        pub async fn start_with(tune: impl FnOnce(&mut TunnelConfig)) -> anyhow::Result<System> {
             install_crypto();
             let dir = tempfile::tempdir()?;
             let ofd = Ofd::open(&dir.path().join("ofd"))?;
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let ofd_addr = l.local_addr()?;
             tokio::spawn(ofd.clone().serve_tcp(l));
-            let cfg = TunnelConfig::new(dir.path().join("controller"), "127.0.0.1:0".parse()?);
+            let mut cfg = TunnelConfig::new(dir.path().join("controller"), "127.0.0.1:0".parse()?);
+            tune(&mut cfg);
             let tunnel = Tunnel::start(cfg).await?;
             let events = tunnel.subscribe();
             Ok(System {

@@ -269,3 +269,43 @@ async fn garbage_at_the_tunnel_port_does_not_disturb_a_working_agent() {
     assert_eq!(documents_for_job(&fleet, &kkt, "after-junk"), 1);
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_renews_its_certificate_before_it_expires() {
+    // Certificates live 12 s here, so the renewal point (a third of the life left) comes at the
+    // second heartbeat.
+    let mut sys =
+        System::start_with(|c| c.agent_cert_validity = std::time::Duration::from_secs(12))
+            .await
+            .unwrap();
+    let data = sys.dir.path().join("agent");
+    sys.enroll(&data).await.unwrap();
+    let before = std::fs::read_to_string(data.join("agent.cert.pem")).unwrap();
+    let started = agent::run::start(agent::run::Config {
+        data: data.clone(),
+        kkt_listen: "127.0.0.1:0".parse().unwrap(),
+        health: "127.0.0.1:0".parse().unwrap(),
+        serial: Vec::new(),
+        baud: 115_200,
+        journal_limit: 1000,
+        max_backoff: std::time::Duration::from_millis(300),
+        idle_timeout: std::time::Duration::from_secs(30),
+    })
+    .await
+    .unwrap();
+    let renewed = started.agent.renewed.notified();
+    tokio::pin!(renewed);
+    renewed.as_mut().enable();
+    renewed.await;
+    let after = std::fs::read_to_string(data.join("agent.cert.pem")).unwrap();
+    assert_ne!(before, after, "a new certificate was stored");
+    let not_after = started.agent.identity.lock().unwrap().not_after;
+    let id: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("identity.json")).unwrap())
+            .unwrap();
+    assert_eq!(id["not_after"].as_u64(), Some(not_after));
+    assert!(
+        !data.join("renewal.key.pem").exists(),
+        "the renewal key became the agent key"
+    );
+}
