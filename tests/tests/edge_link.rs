@@ -274,10 +274,9 @@ async fn garbage_at_the_tunnel_port_does_not_disturb_a_working_agent() {
 async fn the_agent_renews_its_certificate_before_it_expires() {
     // Certificates live 12 s here, so the renewal point (a third of the life left) comes at the
     // second heartbeat.
-    let mut sys =
-        System::start_with(|c| c.agent_cert_validity = std::time::Duration::from_secs(12))
-            .await
-            .unwrap();
+    let sys = System::start_with(|c| c.agent_cert_validity = std::time::Duration::from_secs(12))
+        .await
+        .unwrap();
     let data = sys.dir.path().join("agent");
     sys.enroll(&data).await.unwrap();
     let before = std::fs::read_to_string(data.join("agent.cert.pem")).unwrap();
