@@ -20,9 +20,13 @@ struct Rig {
 }
 
 async fn rig() -> Rig {
+    rig_with_limit(1000).await
+}
+
+async fn rig_with_limit(limit: usize) -> Rig {
     let data = tempfile::tempdir().unwrap();
     let store = agent::store::Store::open(&data.path().join("journal.redb"), 1).unwrap();
-    let (journal, epoch) = agent::journal::load(store.db(), 1000).unwrap();
+    let (journal, epoch) = agent::journal::load(store.db(), limit).unwrap();
     let agent = Agent::new(
         journal,
         store,
@@ -193,4 +197,27 @@ async fn jobs_for_a_register_that_is_not_here_are_refused_without_journaling() {
         .on_dispatch(dispatch("job-4", "0000000000000000", 4))
         .await;
     assert_eq!(rig.agent.job_phase("job-4"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_journal_refuses_new_jobs_raises_an_alarm_and_keeps_what_it_holds() {
+    // Room for one job and its report.
+    let rig = rig_with_limit(2).await;
+    let zn = ready_register(&rig).await;
+    rig.agent.on_dispatch(dispatch("held", &zn, 1)).await;
+    let entry = next_entry(&rig.agent, 0).await;
+    assert!(matches!(entry.body, OutboxBody::Completed { .. }));
+    // Job + unacknowledged report fill the journal: the next job is refused, nothing journaled.
+    rig.agent.on_dispatch(dispatch("refused", &zn, 2)).await;
+    assert_eq!(rig.agent.job_phase("refused"), None);
+    assert_eq!(documents_for(&rig.agent, &zn, "refused").await, 0);
+    let health = rig.agent.health();
+    assert!(health.alarm.is_some(), "the technician sees why");
+    assert_eq!(health.outbox_depth, 1, "the report it holds is kept");
+    // Once the controller acknowledges, there is room again.
+    rig.agent.on_ack(entry.seq);
+    assert!(rig.agent.health().alarm.is_none());
+    rig.agent.on_dispatch(dispatch("after", &zn, 3)).await;
+    let next = next_entry(&rig.agent, entry.seq).await;
+    assert!(matches!(next.body, OutboxBody::Completed { ref job, .. } if job == "after"));
 }
