@@ -472,22 +472,7 @@ mod tests {
             job: job.into(),
             attempt,
             kkt: "K1".into(),
-            work: Work::Receipt(protocol::kkt::ReceiptParams {
-                receipt: protocol::receipt::Receipt {
-                    kind: protocol::receipt::ReceiptType::Income,
-                    taxation: protocol::receipt::TaxationSystem::Common,
-                    items: vec![],
-                    payments: Default::default(),
-                    email: None,
-                    phone: None,
-                    cashier: None,
-                    client: None,
-                    correction: None,
-                    settlement_address: None,
-                    settlement_place: None,
-                },
-                additional_attribute: None,
-            }),
+            work: Work::Receipt(firmware_sim::fixtures::receipt(1, None)),
         }
     }
 

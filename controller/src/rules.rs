@@ -553,26 +553,10 @@ pub fn check_token(token: Option<&TokenRecord>, now: u64) -> Result<(), TokenRef
 mod tests {
     use super::*;
     use protocol::document::DocumentType;
-    use protocol::kkt::{ErrorCode, ReceiptParams};
-    use protocol::receipt::*;
+    use protocol::kkt::ErrorCode;
 
     fn work() -> Work {
-        Work::Receipt(ReceiptParams {
-            receipt: Receipt {
-                kind: ReceiptType::Income,
-                taxation: TaxationSystem::Common,
-                items: vec![],
-                payments: Payments::default(),
-                email: None,
-                phone: None,
-                cashier: None,
-                client: None,
-                correction: None,
-                settlement_address: None,
-                settlement_place: None,
-            },
-            additional_attribute: None,
-        })
+        Work::Receipt(firmware_sim::fixtures::receipt(1, None))
     }
 
     fn result(fd: u32) -> FiscalResult {

@@ -522,22 +522,39 @@ impl Store {
         Ok(Ok(record))
     }
 
-    pub fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+    /// One record of a table keyed by name.
+    fn record<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
         let txn = self.read()?;
-        let t = txn.open_table(AGENTS)?;
-        let v = t.get(id)?;
+        let t = txn.open_table(table)?;
+        let v = t.get(key)?;
         v.map(|v| decode(v.value())).transpose()
     }
 
-    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+    /// Every record of a table, in key order.
+    fn records<K: redb::Key + 'static, T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<K, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
         let txn = self.read()?;
-        let t = txn.open_table(AGENTS)?;
+        let t = txn.open_table(table)?;
         let mut out = Vec::new();
         for row in t.iter()? {
             let (_, v) = row?;
             out.push(decode(v.value())?);
         }
         Ok(out)
+    }
+
+    pub fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        self.record(AGENTS, id)
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.records(AGENTS)
     }
 
     // ---- the tunnel's operations -------------------------------------------------------------
@@ -721,32 +738,15 @@ impl Store {
     }
 
     pub fn kkt(&self, zn: &str) -> Result<Option<KktRecord>, StoreError> {
-        let txn = self.read()?;
-        let t = txn.open_table(KKTS)?;
-        let v = t.get(zn)?;
-        v.map(|v| decode(v.value())).transpose()
+        self.record(KKTS, zn)
     }
 
     pub fn kkts(&self) -> Result<Vec<KktRecord>, StoreError> {
-        let txn = self.read()?;
-        let t = txn.open_table(KKTS)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (_, v) = row?;
-            out.push(decode(v.value())?);
-        }
-        Ok(out)
+        self.records(KKTS)
     }
 
     pub fn anomalies(&self) -> Result<Vec<Anomaly>, StoreError> {
-        let txn = self.read()?;
-        let t = txn.open_table(ANOMALIES)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (_, v) = row?;
-            out.push(decode(v.value())?);
-        }
-        Ok(out)
+        self.records(ANOMALIES)
     }
 }
 
