@@ -5,11 +5,13 @@
 //! * [`tlv`] and [`document`] — FFD TLV and the fiscal documents built from it;
 //! * [`container`] — the KKT ↔ OFD session header and container with its CRC;
 //! * [`checksum`] — INN and RNM algorithms;
-//! * [`kkt`] — the JSON link between a register and its agent.
+//! * [`kkt`] — the JSON link between a register and its agent;
+//! * [`ferma`] — the Ferma-compatible REST contract: request parsers and answer shapes.
 
 pub mod checksum;
 pub mod container;
 pub mod document;
+pub mod ferma;
 pub mod kkt;
 pub mod receipt;
 pub mod tlv;
