@@ -501,6 +501,11 @@ impl Agent {
 
     pub async fn on_command(&self, id: u64, kkt: String, call: Call) {
         let forms_document = call.forms_document();
+        let call_kind = if matches!(call, Call::GetDeviceStatus) {
+            CallKind::Status
+        } else {
+            CallKind::Other
+        };
         let outcome = match self.call(&kkt, call).await {
             Ok(r) => Ok(r),
             Err(CallError::Kkt(e)) => Err(e),
@@ -513,7 +518,8 @@ impl Agent {
                 "the register's link went down before it answered; read its status",
             )),
         };
-        let refresh = forms_document && outcome.is_ok();
+        // A status query is also how the controller asks for a fresh `Status` report.
+        let refresh = (forms_document || matches!(call_kind, CallKind::Status)) && outcome.is_ok();
         self.send_up(AgentMessage::CommandResult {
             id,
             kkt: kkt.clone(),
@@ -552,4 +558,9 @@ impl Agent {
     pub fn fd_request(fd_number: u32) -> Call {
         Call::GetFnDocument(GetFnDocument { fd_number })
     }
+}
+
+enum CallKind {
+    Status,
+    Other,
 }

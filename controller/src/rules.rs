@@ -40,6 +40,17 @@ pub struct Job {
     pub created_at: u64,
     pub updated_at: u64,
     pub history: Vec<HistoryEntry>,
+    /// The job's place in its organisation's FIFO queue, for jobs that came through the API
+    /// (jobs given straight to a register by an operator have none). The place is kept when the
+    /// job comes back to the queue, so a job that failed over goes ahead of younger ones.
+    pub queue: Option<QueuePlace>,
+}
+
+/// Where a job waits: the organisation (INN) whose registers may take it, and its order there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePlace {
+    pub inn: String,
+    pub order: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +76,9 @@ pub enum JobState {
         attempt: u32,
         result: FiscalResult,
     },
+    /// Final: proven not fiscalized and not worth another register (the receipt itself was
+    /// refused, or it failed too many times). The shop must send it again with a new InvoiceId.
+    Failed { reason: String },
 }
 
 impl JobState {
@@ -74,6 +88,7 @@ impl JobState {
             JobState::Assigned { .. } => "assigned",
             JobState::Accepted { .. } => "accepted",
             JobState::Completed { .. } => "completed",
+            JobState::Failed { .. } => "failed",
         }
     }
 
@@ -165,6 +180,10 @@ pub enum JobEvent {
         agent: String,
         attempt: u32,
     },
+    /// The dispatcher gives up on a queued job (nobody holds it, so no document can appear).
+    Fail {
+        reason: String,
+    },
 }
 
 /// What to do with the record.
@@ -195,6 +214,8 @@ impl Decision {
 pub enum AssignRefusal {
     #[error("job {job} is already completed on register {kkt}")]
     Completed { job: JobId, kkt: String },
+    #[error("job {job} has failed for good: {reason}")]
+    Failed { job: JobId, reason: String },
     #[error("job {job} is {state} on register {kkt} (attempt {attempt}); it can be given out again only after its agent reports it or reconnects without it")]
     InFlight {
         job: JobId,
@@ -221,13 +242,29 @@ impl Job {
                 attempt: 0,
                 kkt: None,
             }],
+            queue: None,
+        }
+    }
+
+    /// A new job waiting in `inn`'s queue at `order`.
+    pub fn queued(id: JobId, work: Work, place: QueuePlace, now: u64) -> Job {
+        let mut job = Job::new(id, work, now);
+        job.queue = Some(place);
+        job
+    }
+
+    /// The queue place while the job waits in a queue, else None.
+    pub fn waiting_in(&self) -> Option<&QueuePlace> {
+        match self.state {
+            JobState::Queued => self.queue.as_ref(),
+            _ => None,
         }
     }
 
     fn moved(&self, state: JobState, now: u64) -> Job {
         let mut next = self.clone();
         let kkt = match &state {
-            JobState::Queued => None,
+            JobState::Queued | JobState::Failed { .. } => None,
             JobState::Assigned { kkt, .. }
             | JobState::Accepted { kkt, .. }
             | JobState::Completed { kkt, .. } => Some(kkt.clone()),
@@ -279,6 +316,12 @@ pub fn apply(job: &Job, event: JobEvent, now: u64) -> Decision {
             Decision::Refuse(AssignRefusal::Completed {
                 job: job.id.clone(),
                 kkt: kkt.clone(),
+            })
+        }
+        (JobEvent::Assign { .. }, S::Failed { reason }) => {
+            Decision::Refuse(AssignRefusal::Failed {
+                job: job.id.clone(),
+                reason: reason.clone(),
             })
         }
         (
@@ -435,6 +478,13 @@ pub fn apply(job: &Job, event: JobEvent, now: u64) -> Decision {
         }
         (JobEvent::Undeliverable { .. }, _) => {
             Decision::Ignore("undeliverable dispatch for a job that moved on")
+        }
+
+        (JobEvent::Fail { reason }, S::Queued) => {
+            Decision::write(job.moved(S::Failed { reason }, now))
+        }
+        (JobEvent::Fail { .. }, _) => {
+            Decision::Ignore("only a queued job (held by nobody) can be given up")
         }
     }
 }

@@ -33,6 +33,9 @@
 //! backend can offer the same methods (DESIGN.md §8); nothing here depends on being the only
 //! controller except the group-commit thread itself.
 
+mod ledger;
+pub use ledger::*;
+
 use crate::rules::{
     self as rules, check_seq, check_token, AssignRefusal, Decision, Job, JobEvent, SeqCheck,
     TokenRecord, TokenRefusal, TokenUse,
@@ -56,6 +59,8 @@ pub const KKTS: TableDefinition<&str, &[u8]> = TableDefinition::new("kkts");
 pub const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 pub const IN_FLIGHT: TableDefinition<(&str, &str), &str> = TableDefinition::new("in_flight");
 pub const ANOMALIES: TableDefinition<u64, &[u8]> = TableDefinition::new("anomalies");
+/// (INN, order) → job id: exactly the queued jobs that have a queue place (see [`JobTables`]).
+pub const QUEUE: TableDefinition<(&str, u64), &str> = TableDefinition::new("queue");
 
 /// Leading byte of every stored value.
 pub const FORMAT: u8 = 1;
@@ -236,6 +241,8 @@ pub enum Effect {
         kkt: String,
         event: Box<Event>,
     },
+    /// The OFD acknowledged these receipts' documents.
+    ReceiptsConfirmed(Vec<JobId>),
 }
 
 /// Outcome of [`Store::apply_reports`].
@@ -315,6 +322,8 @@ impl Store {
             txn.open_table(JOBS)?;
             txn.open_table(IN_FLIGHT)?;
             txn.open_table(ANOMALIES)?;
+            txn.open_table(QUEUE)?;
+            ledger::create_tables(&txn)?;
             {
                 let mut meta = txn.open_table(META)?;
                 if meta.get(CONTROLLER_ID_KEY)?.is_none() {
@@ -592,15 +601,14 @@ impl Store {
             let mut released = Vec::new();
             let mut held = Vec::new();
             let mine = in_flight_of(txn, &agent)?;
-            let mut jobs = txn.open_table(JOBS)?;
-            let mut index = txn.open_table(IN_FLIGHT)?;
+            let mut jt = JobTables::open(txn)?;
             for (job_id, kkt) in mine {
                 if held_jobs.contains(&job_id) {
                     held.push((job_id, kkt));
                     continue;
                 }
-                let Some(job) = get_job(&jobs, &job_id)? else {
-                    index.remove((agent.as_str(), job_id.as_str()))?;
+                let Some(job) = jt.get(&job_id)? else {
+                    jt.in_flight.remove((agent.as_str(), job_id.as_str()))?;
                     continue;
                 };
                 if let Decision::Apply(next) = rules::apply(
@@ -611,7 +619,7 @@ impl Store {
                     now_ms,
                 ) {
                     released.push((job_id.clone(), kkt, job.attempt));
-                    put_job(&mut jobs, &mut index, &job, &next)?;
+                    jt.put(&job, &next)?;
                 }
             }
             Ok(HelloOutcome {
@@ -636,16 +644,15 @@ impl Store {
     ) -> Result<Result<Job, AssignError>, StoreError> {
         let (job_id, agent, kkt) = (job_id.to_owned(), agent.to_owned(), kkt.to_owned());
         self.transact(move |txn| {
-            let mut jobs = txn.open_table(JOBS)?;
-            let mut index = txn.open_table(IN_FLIGHT)?;
-            let job = match get_job(&jobs, &job_id)? {
+            let mut jt = JobTables::open(txn)?;
+            let job = match jt.get(&job_id)? {
                 Some(j) if j.work != work => return Ok(Err(AssignError::WorkMismatch(job_id))),
                 Some(j) => j,
                 None => Job::new(job_id.clone(), work, now_ms),
             };
             match rules::apply(&job, JobEvent::Assign { agent, kkt }, now_ms) {
                 Decision::Apply(next) => {
-                    put_job(&mut jobs, &mut index, &job, &next)?;
+                    jt.put(&job, &next)?;
                     Ok(Ok(*next))
                 }
                 Decision::Refuse(r) => Ok(Err(r.into())),
@@ -667,14 +674,13 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let (job_id, agent) = (job_id.to_owned(), agent.to_owned());
         self.transact(move |txn| {
-            let mut jobs = txn.open_table(JOBS)?;
-            let mut index = txn.open_table(IN_FLIGHT)?;
-            let Some(job) = get_job(&jobs, &job_id)? else {
+            let mut jt = JobTables::open(txn)?;
+            let Some(job) = jt.get(&job_id)? else {
                 return Ok(false);
             };
             match rules::apply(&job, JobEvent::Undeliverable { agent, attempt }, now_ms) {
                 Decision::Apply(next) => {
-                    put_job(&mut jobs, &mut index, &job, &next)?;
+                    jt.put(&job, &next)?;
                     Ok(true)
                 }
                 _ => Ok(false),
@@ -783,21 +789,49 @@ fn get_job(
     v.map(|v| decode(v.value())).transpose()
 }
 
-/// Writes `next` over `prev` and keeps the in-flight index equal to "assigned or accepted".
-fn put_job(
-    jobs: &mut redb::Table<&'static str, &'static [u8]>,
-    index: &mut redb::Table<(&'static str, &'static str), &'static str>,
-    prev: &Job,
-    next: &Job,
-) -> Result<(), StoreError> {
-    if let Some((agent, _, _)) = prev.state.holder() {
-        index.remove((agent, prev.id.as_str()))?;
+/// The job table with its two indexes, open in one write transaction. Every change of a job goes
+/// through [`JobTables::put`], which keeps the indexes equal to what they index:
+/// `in_flight` = exactly the jobs assigned or accepted, `queue` = exactly the queued jobs that
+/// have a queue place.
+pub(crate) struct JobTables<'t> {
+    pub(crate) jobs: redb::Table<'t, &'static str, &'static [u8]>,
+    in_flight: redb::Table<'t, (&'static str, &'static str), &'static str>,
+    queue: redb::Table<'t, (&'static str, u64), &'static str>,
+}
+
+impl<'t> JobTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(JobTables {
+            jobs: txn.open_table(JOBS)?,
+            in_flight: txn.open_table(IN_FLIGHT)?,
+            queue: txn.open_table(QUEUE)?,
+        })
     }
-    if let Some((agent, kkt, _)) = next.state.holder() {
-        index.insert((agent, next.id.as_str()), kkt)?;
+
+    pub(crate) fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        get_job(&self.jobs, id)
     }
-    jobs.insert(next.id.as_str(), encode(next)?.as_slice())?;
-    Ok(())
+
+    /// Writes `next` over `prev` (`prev` is `next` itself for a new job with no indexes yet:
+    /// pass the same record and nothing is removed twice).
+    pub(crate) fn put(&mut self, prev: &Job, next: &Job) -> Result<(), StoreError> {
+        if let Some((agent, _, _)) = prev.state.holder() {
+            self.in_flight.remove((agent, prev.id.as_str()))?;
+        }
+        if let Some(place) = prev.waiting_in() {
+            self.queue.remove((place.inn.as_str(), place.order))?;
+        }
+        if let Some((agent, kkt, _)) = next.state.holder() {
+            self.in_flight.insert((agent, next.id.as_str()), kkt)?;
+        }
+        if let Some(place) = next.waiting_in() {
+            self.queue
+                .insert((place.inn.as_str(), place.order), next.id.as_str())?;
+        }
+        self.jobs
+            .insert(next.id.as_str(), encode(next)?.as_slice())?;
+        Ok(())
+    }
 }
 
 fn in_flight_of(txn: &WriteTransaction, agent: &str) -> Result<Vec<(JobId, String)>, StoreError> {
@@ -829,8 +863,7 @@ fn apply_reports(
         Some(v) => decode(v.value())?,
         None => return Err(StoreError::Corrupt(format!("agent {agent} vanished"))),
     };
-    let mut jobs = txn.open_table(JOBS)?;
-    let mut index = txn.open_table(IN_FLIGHT)?;
+    let mut jt = JobTables::open(txn)?;
     let mut kkts = txn.open_table(KKTS)?;
     let mut anomalies = txn.open_table(ANOMALIES)?;
     let mut out = Applied::default();
@@ -838,7 +871,7 @@ fn apply_reports(
     for report in reports {
         match report {
             Report::Accepted { job, attempt } => {
-                let Some(current) = get_job(&jobs, &job)? else {
+                let Some(current) = jt.get(&job)? else {
                     warn!(agent, job, "accepted for an unknown job; ignored");
                     continue;
                 };
@@ -848,7 +881,7 @@ fn apply_reports(
                 };
                 match rules::apply(&current, event, now_ms) {
                     Decision::Apply(next) => {
-                        put_job(&mut jobs, &mut index, &current, &next)?;
+                        jt.put(&current, &next)?;
                         let kkt = next
                             .state
                             .holder()
@@ -865,7 +898,7 @@ fn apply_reports(
                 attempt,
                 reason,
             } => {
-                let Some(current) = get_job(&jobs, &job)? else {
+                let Some(current) = jt.get(&job)? else {
                     warn!(agent, job, "refused for an unknown job; ignored");
                     continue;
                 };
@@ -881,7 +914,7 @@ fn apply_reports(
                             .holder()
                             .map(|(_, k, _)| k.to_owned())
                             .unwrap_or_default();
-                        put_job(&mut jobs, &mut index, &current, &next)?;
+                        jt.put(&current, &next)?;
                         out.effects.push(Effect::JobRefused {
                             job,
                             kkt,
@@ -908,11 +941,11 @@ fn apply_reports(
                 }
                 record.applied_upto = entry.seq;
                 apply_outbox_body(
+                    txn,
                     agent,
                     entry.body,
                     now_ms,
-                    &mut jobs,
-                    &mut index,
+                    &mut jt,
                     &mut kkts,
                     &mut anomalies,
                     &mut out,
@@ -957,6 +990,12 @@ fn apply_reports(
             }
             Report::Status(state) => {
                 if let Some(mut rec) = own_kkt(&kkts, agent, &state.kkt)? {
+                    if let Some((fn_number, upto)) = ledger::delivered_upto(&state) {
+                        let done = ledger::on_delivered(txn, &fn_number, upto, now_ms)?;
+                        if !done.is_empty() {
+                            out.effects.push(Effect::ReceiptsConfirmed(done));
+                        }
+                    }
                     rec.state = Some((*state).clone());
                     rec.updated_at = now_ms;
                     kkts.insert(state.kkt.as_str(), encode(&rec)?.as_slice())?;
@@ -1002,11 +1041,11 @@ fn own_kkt(
 
 #[allow(clippy::too_many_arguments)]
 fn apply_outbox_body(
+    txn: &WriteTransaction,
     agent: &str,
     body: OutboxBody,
     now_ms: u64,
-    jobs: &mut redb::Table<&'static str, &'static [u8]>,
-    index: &mut redb::Table<(&'static str, &'static str), &'static str>,
+    jt: &mut JobTables<'_>,
     kkts: &mut redb::Table<&'static str, &'static [u8]>,
     anomalies: &mut redb::Table<u64, &'static [u8]>,
     out: &mut Applied,
@@ -1018,7 +1057,7 @@ fn apply_outbox_body(
             kkt,
             result,
         } => {
-            let Some(current) = get_job(jobs, &job)? else {
+            let Some(current) = jt.get(&job)? else {
                 let id = next_anomaly_id(anomalies)?;
                 error!(agent, job, kkt, "a result arrived for a job this controller does not know; recorded as an anomaly");
                 let a = Anomaly {
@@ -1050,7 +1089,8 @@ fn apply_outbox_body(
             };
             match rules::apply(&current, event, now_ms) {
                 Decision::Apply(next) => {
-                    put_job(jobs, index, &current, &next)?;
+                    jt.put(&current, &next)?;
+                    ledger::on_completed(txn, &job, &result)?;
                     info!(
                         agent,
                         job,
@@ -1108,7 +1148,7 @@ fn apply_outbox_body(
             kkt,
             error,
         } => {
-            let Some(current) = get_job(jobs, &job)? else {
+            let Some(current) = jt.get(&job)? else {
                 warn!(agent, job, "not-fiscalized for an unknown job; ignored");
                 return Ok(());
             };
@@ -1120,7 +1160,7 @@ fn apply_outbox_body(
             };
             match rules::apply(&current, event, now_ms) {
                 Decision::Apply(next) => {
-                    put_job(jobs, index, &current, &next)?;
+                    jt.put(&current, &next)?;
                     info!(agent, job, kkt, attempt, error = %error, "job not fiscalized; back in the queue");
                     out.effects.push(Effect::JobNotFiscalized {
                         job,
@@ -1136,7 +1176,14 @@ fn apply_outbox_body(
         OutboxBody::Event { kkt, event } => {
             if let Some(mut rec) = own_kkt(kkts, agent, &kkt)? {
                 match &event {
-                    Event::OfdAck(ack) => rec.last_ofd_ack = Some(ack.clone()),
+                    Event::OfdAck(ack) => {
+                        rec.last_ofd_ack = Some(ack.clone());
+                        let done =
+                            ledger::on_delivered(txn, &ack.fn_number, ack.fd_number, now_ms)?;
+                        if !done.is_empty() {
+                            out.effects.push(Effect::ReceiptsConfirmed(done));
+                        }
+                    }
                     Event::StatusChanged(device) => {
                         if let Some(state) = rec.state.as_mut() {
                             state.device = device.clone();

@@ -690,6 +690,9 @@ fn publish(inner: &Inner, agent: &str, conn_id: u64, effects: Vec<Effect>) {
                         event,
                     });
                 }
+                Effect::ReceiptsConfirmed(jobs) => {
+                    events.push(TunnelEvent::ReceiptsConfirmed { jobs });
+                }
             }
         }
     }

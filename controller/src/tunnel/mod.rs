@@ -156,6 +156,10 @@ pub enum TunnelEvent {
         id: u64,
         job: JobId,
     },
+    /// The OFD acknowledged these receipts (durable: they are CONFIRMED).
+    ReceiptsConfirmed {
+        jobs: Vec<JobId>,
+    },
 }
 
 /// A register online now.
@@ -395,6 +399,19 @@ impl Tunnel {
             .collect();
         out.sort_by(|a, b| a.zn.cmp(&b.zn));
         out
+    }
+
+    /// One register, if it is online now.
+    pub fn online_kkt(&self, zn: &str) -> Option<KktInfo> {
+        let live = self.inner.live();
+        live.kkts.get(zn).map(|k| KktInfo {
+            zn: zn.to_owned(),
+            agent: k.agent.clone(),
+            attached: k.attached.clone(),
+            state: k.state.clone(),
+            in_flight: live.in_flight.get(zn).map_or(0, |s| s.len()),
+            online_since_ms: k.since_ms,
+        })
     }
 
     /// Agents connected now, with their health.
