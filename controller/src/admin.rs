@@ -5,17 +5,24 @@
 //! controller's own machine) can run operator commands such as `controller agent-token create`.
 //! The file is authoritative: to rotate the credential, delete it and restart the controller.
 //!
-//! Routes:
-//! * `POST /admin/agent-tokens` with `Authorization: Bearer <admin secret>` and an optional JSON
-//!   body `{"ttlSeconds": N}` → `{"token": "kt1....", "expiresAt": <unix seconds>}`.
+//! Routes (all with `Authorization: Bearer <admin secret>`):
+//! * `POST /admin/agent-tokens`, optional body `{"ttlSeconds": N}` → `{"token": "kt1....",
+//!   "expiresAt": <unix seconds>}`.
+//! * `POST /admin/accounts` `{"login", "password", "inns": [...]}` → the account with its
+//!   callback secret (shown once here; it signs the account's callbacks).
+//! * `GET /admin/accounts`, `/admin/agents`, `/admin/kkts`, `/admin/queue`,
+//!   `/admin/jobs/in-doubt?olderThanSeconds=N`, `/admin/anomalies`: the fleet as operators see it.
 
-use crate::store::{Store, StoreError};
+use crate::dispatcher::Dispatcher;
+use crate::store::{Account, AccountRefusal, PasswordHash, Store, StoreError, PASSWORD_ROUNDS};
+use crate::tunnel::Tunnel;
 use crate::tunnel::{create_enroll_token, DEFAULT_TOKEN_TTL};
 use axum::body::Bytes;
+use axum::extract::Query;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -93,6 +100,7 @@ struct AdminInner {
     ca_fingerprint: [u8; 32],
     admin_hash: [u8; 32],
     data_dir: PathBuf,
+    fleet: Option<(Tunnel, Dispatcher)>,
 }
 
 impl AdminState {
@@ -108,6 +116,21 @@ impl AdminState {
                 ca_fingerprint,
                 admin_hash,
                 data_dir,
+                fleet: None,
+            }),
+        }
+    }
+
+    /// The same state with the fleet views (agents, registers, queue) enabled.
+    pub fn with_fleet(self, tunnel: Tunnel, dispatcher: Dispatcher) -> Self {
+        let inner = &self.inner;
+        AdminState {
+            inner: Arc::new(AdminInner {
+                store: inner.store.clone(),
+                ca_fingerprint: inner.ca_fingerprint,
+                admin_hash: inner.admin_hash,
+                data_dir: inner.data_dir.clone(),
+                fleet: Some((tunnel, dispatcher)),
             }),
         }
     }
@@ -168,6 +191,12 @@ pub struct TokenResponse {
 pub fn app(state: AdminState) -> Router {
     Router::new()
         .route("/admin/agent-tokens", post(create_token))
+        .route("/admin/accounts", post(create_account).get(list_accounts))
+        .route("/admin/agents", get(list_agents))
+        .route("/admin/kkts", get(list_kkts))
+        .route("/admin/queue", get(queue))
+        .route("/admin/jobs/in-doubt", get(in_doubt))
+        .route("/admin/anomalies", get(anomalies))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -244,4 +273,260 @@ async fn create_token(
             expires_at: expires_at_ms / 1000,
         }),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccountRequest {
+    pub login: String,
+    pub password: String,
+    pub inns: Vec<String>,
+}
+
+/// An account as the admin API shows it (never the password hash).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountResponse {
+    pub id: String,
+    pub login: String,
+    pub inns: Vec<String>,
+    /// Only in the answer to the create call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_secret: Option<String>,
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, message)
+}
+
+async fn create_account(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<AccountResponse>), ApiError> {
+    authorize(&state, &headers)?;
+    let req: AccountRequest = serde_json::from_slice(&body).map_err(|e| {
+        bad(format!(
+            "the body must be JSON like {{\"login\": \"shop\", \"password\": \"...\", \"inns\": [\"3245001416\"]}}: {e}"
+        ))
+    })?;
+    let login = req.login.trim().to_owned();
+    if login.is_empty() || login.chars().count() > 64 || login.chars().any(char::is_whitespace) {
+        return Err(bad("login: 1 to 64 characters without spaces"));
+    }
+    if req.password.chars().count() < 4 {
+        return Err(bad("password: at least 4 characters"));
+    }
+    if req.inns.is_empty() {
+        return Err(bad(
+            "inns: give at least one INN the account may fiscalize for",
+        ));
+    }
+    for (i, inn) in req.inns.iter().enumerate() {
+        protocol::checksum::validate_inn(inn)
+            .map_err(|e| bad(format!("inns[{i}]: {inn:?} is not a valid INN: {e}")))?;
+    }
+    let password = req.password.clone();
+    let hash = tokio::task::spawn_blocking(move || PasswordHash::new(&password, PASSWORD_ROUNDS))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("hashing failed: {e}"),
+            )
+        })?;
+    let mut secret = [0u8; 24];
+    rand::fill(&mut secret);
+    let account = Account {
+        id: format!("acc-{}", uuid::Uuid::new_v4().simple()),
+        login,
+        password: hash,
+        inns: req.inns,
+        callback_secret: protocol::tunnel::hex(&secret),
+        created_at: crate::unix_ms(),
+    };
+    match state.inner.store.create_account(account).await? {
+        Ok(a) => Ok((
+            StatusCode::CREATED,
+            Json(AccountResponse {
+                id: a.id,
+                login: a.login,
+                inns: a.inns,
+                callback_secret: Some(a.callback_secret),
+            }),
+        )),
+        Err(r @ AccountRefusal::LoginTaken(_)) | Err(r @ AccountRefusal::InnTaken { .. }) => {
+            Err(ApiError::new(StatusCode::CONFLICT, r.to_string()))
+        }
+    }
+}
+
+async fn list_accounts(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<AccountResponse>>, ApiError> {
+    authorize(&state, &headers)?;
+    let accounts = state.inner.store.accounts()?;
+    Ok(Json(
+        accounts
+            .into_iter()
+            .map(|a| AccountResponse {
+                id: a.id,
+                login: a.login,
+                inns: a.inns,
+                callback_secret: None,
+            })
+            .collect(),
+    ))
+}
+
+fn fleet(state: &AdminState) -> Result<&(Tunnel, Dispatcher), ApiError> {
+    state.inner.fleet.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this controller runs without a dispatcher; fleet views are not available",
+        )
+    })
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AgentView {
+    id: String,
+    name: String,
+    software: String,
+    remote: String,
+    connected_at_ms: u64,
+    rtt_ms: Option<f64>,
+    kkts: Vec<String>,
+    journal_depth: Option<u64>,
+    outbox_depth: Option<u64>,
+    alarm: Option<String>,
+}
+
+async fn list_agents(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<AgentView>>, ApiError> {
+    authorize(&state, &headers)?;
+    let (tunnel, _) = fleet(&state)?;
+    Ok(Json(
+        tunnel
+            .agents()
+            .into_iter()
+            .map(|a| AgentView {
+                id: a.id,
+                name: a.name,
+                software: a.software,
+                remote: a.remote.to_string(),
+                connected_at_ms: a.connected_at_ms,
+                rtt_ms: a.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                kkts: a.kkts,
+                journal_depth: a.health.as_ref().map(|h| h.journal_depth),
+                outbox_depth: a.health.as_ref().map(|h| h.outbox_depth),
+                alarm: a.health.and_then(|h| h.alarm),
+            })
+            .collect(),
+    ))
+}
+
+async fn list_kkts(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<crate::api::NativeKkt>>, ApiError> {
+    authorize(&state, &headers)?;
+    let (_, dispatcher) = fleet(&state)?;
+    Ok(Json(crate::api::native_kkts_of(dispatcher, None)))
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct QueueView {
+    inn: String,
+    waiting: usize,
+}
+
+async fn queue(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<QueueView>>, ApiError> {
+    authorize(&state, &headers)?;
+    let (_, dispatcher) = fleet(&state)?;
+    Ok(Json(
+        dispatcher
+            .depths()
+            .into_iter()
+            .map(|(inn, waiting)| QueueView { inn, waiting })
+            .collect(),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InDoubtQuery {
+    older_than_seconds: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InDoubtView {
+    job: String,
+    state: String,
+    kkt: Option<String>,
+    agent: Option<String>,
+    attempt: u32,
+    since_ms: u64,
+    agent_online: bool,
+}
+
+/// Jobs held by an agent that has not reported them: they may or may not have been fiscalized,
+/// so they are never re-sent blindly (DESIGN.md §3). An operator reads the register's FN
+/// archive, or waits for the agent to come back.
+async fn in_doubt(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Query(q): Query<InDoubtQuery>,
+) -> Result<Json<Vec<InDoubtView>>, ApiError> {
+    authorize(&state, &headers)?;
+    let (tunnel, _) = fleet(&state)?;
+    let online: std::collections::HashSet<String> =
+        tunnel.agents().into_iter().map(|a| a.id).collect();
+    let jobs = tunnel.jobs_in_doubt(Duration::from_secs(q.older_than_seconds.unwrap_or(60)))?;
+    Ok(Json(
+        jobs.into_iter()
+            .map(|j| {
+                let holder = j
+                    .state
+                    .holder()
+                    .map(|(a, k, _)| (a.to_owned(), k.to_owned()));
+                InDoubtView {
+                    job: j.id.clone(),
+                    state: j.state.name().to_owned(),
+                    agent_online: holder.as_ref().is_some_and(|(a, _)| online.contains(a)),
+                    kkt: holder.as_ref().map(|(_, k)| k.clone()),
+                    agent: holder.map(|(a, _)| a),
+                    attempt: j.attempt,
+                    since_ms: j.updated_at,
+                }
+            })
+            .collect(),
+    ))
+}
+
+async fn anomalies(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let list = state.inner.store.anomalies()?;
+    let out: Vec<serde_json::Value> = list
+        .into_iter()
+        .map(|a| {
+            serde_json::json!({
+                "id": a.id, "atMs": a.at, "agent": a.agent, "job": a.job,
+                "kind": format!("{:?}", a.kind),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::Value::Array(out)))
 }

@@ -7,8 +7,15 @@
 //! decisions durable in one transaction each, [`tunnel`] moves bytes.
 
 pub mod admin;
+pub mod api;
+pub mod balancer;
 pub mod ca;
+pub mod callbacks;
+pub mod dispatcher;
+pub mod metrics;
+pub mod openapi;
 pub mod rules;
+pub mod server;
 pub mod store;
 pub mod tunnel;
 

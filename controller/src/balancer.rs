@@ -1,0 +1,733 @@
+//! The balancer: which register takes which waiting receipt, and what each register needs
+//! (a shift opened, a shift rotated, a status probe) to stay in the pool.
+//!
+//! Pure: no I/O, no clock. The shell ([`crate::dispatcher`]) feeds it what happened (receipts
+//! queued, register states, job outcomes, command outcomes) with the current time, and carries out
+//! the [`Action`]s that [`Balancer::poll`] returns. The balancer never decides a job's durable
+//! state; the store's rules do ([`crate::rules`]). Its mistakes cost time, never a duplicate: a
+//! dispatch to a register that cannot take it comes back as `NotFiscalized` or `Refused`.
+//!
+//! # Rules (DESIGN.md §4)
+//! * A job goes only to a register online, registered for the job's INN with the job's taxation
+//!   system, in fiscal mode (FN phase 3), with no FN block or end-of-life warning, FN headroom
+//!   and validity above the configured margins, paper in, cover closed, an open shift that is not
+//!   being rotated, and no fault reported by its last answer.
+//! * Among those: fewest jobs in flight, then most FN headroom; at most `max_in_flight` each.
+//! * A job that failed on a register prefers any other eligible register next time.
+//! * Queues are FIFO per INN by the order given at acceptance; a job that came back keeps its
+//!   place. Head-of-line blocking is bounded: a job no register can take now is skipped, and at
+//!   most `scan_depth` jobs are looked at per INN per poll.
+//! * A shift is opened when the register's INN has work (or right after a rotation); it is
+//!   rotated (drain, close, open) `rotate_before` ahead of its 24 h limit by the register's own
+//!   clock, and at the configured daily time.
+//! * A register whose FN is near its end (warnings, validity, headroom) leaves the pool with a
+//!   reason an operator can read; it comes back only when its status says otherwise (FN replaced).
+
+use crate::rules::QueuePlace;
+use protocol::kkt::{ErrorCode, KktError, ShiftState};
+use protocol::receipt::TaxationSystem;
+use protocol::tunnel::{JobId, KktState};
+use std::collections::{BTreeMap, HashMap};
+
+/// How the balancer decides. Defaults are what a production pool uses; tests shrink them.
+#[derive(Debug, Clone)]
+pub struct BalancerConfig {
+    /// Jobs in flight per register. DESIGN.md §3: keep it at 1–2 so a lost agent strands little.
+    pub max_in_flight: usize,
+    /// Start draining a shift this long before its 24 h limit (register clock).
+    pub rotate_before_secs: i64,
+    /// Rotate every shift once a day at this time of day (seconds after local midnight, Moscow).
+    pub daily_close_at: Option<i64>,
+    /// Leave the pool when fewer FN documents than this are left.
+    pub fn_min_documents_left: u32,
+    /// Leave the pool when the FN's validity ends within this many seconds.
+    pub fn_min_valid_secs: i64,
+    /// After a shift command succeeded, wait this long for the register's fresh status before
+    /// deciding again from the old one.
+    pub settle_ms: u64,
+    /// Ask each register for its status at least this often (it moves the register clock we
+    /// compute shift limits from, and brings back registers whose fault was fixed).
+    pub probe_every_ms: u64,
+    /// Ask a register that reported a fault this often.
+    pub probe_faulty_every_ms: u64,
+    /// A register whose command failed is left alone this long.
+    pub command_backoff_ms: u64,
+    /// A receipt that failed on this many registers ends in KKT_ERROR.
+    pub max_attempts: u32,
+    /// Jobs looked at per INN per poll.
+    pub scan_depth: usize,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        BalancerConfig {
+            max_in_flight: 2,
+            rotate_before_secs: 30 * 60,
+            daily_close_at: None,
+            fn_min_documents_left: 100,
+            fn_min_valid_secs: 3 * 86_400,
+            settle_ms: 10_000,
+            probe_every_ms: 60_000,
+            probe_faulty_every_ms: 2_000,
+            command_backoff_ms: 5_000,
+            max_attempts: 10,
+            scan_depth: 256,
+        }
+    }
+}
+
+/// A job waiting for a register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub job: JobId,
+    pub taxation: TaxationSystem,
+    /// The register the last attempt failed on.
+    pub avoid: Option<String>,
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Dispatch {
+        job: JobId,
+        kkt: String,
+    },
+    OpenShift {
+        kkt: String,
+    },
+    CloseShift {
+        kkt: String,
+        why: Rotation,
+    },
+    /// Ask the register for its status (the agent reports it back).
+    Probe {
+        kkt: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// The 24 h limit is near.
+    Limit,
+    /// The configured daily time passed.
+    Daily,
+    /// The shift is already over 24 h (the register refuses receipts).
+    Expired,
+}
+
+/// A register command the balancer asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    OpenShift,
+    CloseShift,
+    Probe,
+}
+
+/// What a job's attempt on a register came to, as far as the balancer cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    /// Proven not fiscalized, with the register's error.
+    NotFiscalized(KktError),
+    /// The agent would not take it (nothing journaled).
+    Refused,
+    /// Its agent reconnected without it, or the dispatch never left.
+    Released,
+}
+
+/// What to do with a job that came back without a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Back to the queue (the shell reads its place from the store and calls `enqueue`).
+    Requeue,
+    /// Give up: the receipt itself is refused, or it failed on too many registers.
+    Fail(String),
+}
+
+/// Why a register takes no receipts now; shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolState {
+    Ready,
+    /// Waiting for its first status.
+    Unknown,
+    NotFiscal,
+    /// FN near or at its end: needs an FN replacement.
+    FnRetired(String),
+    DeviceFault(String),
+    ShiftClosed,
+    /// Draining before a shift rotation.
+    Rotating,
+    Busy(CommandKind),
+}
+
+#[derive(Debug, Clone)]
+struct Register {
+    agent: String,
+    state: Option<KktState>,
+    /// Register clock minus controller clock, ms, as of the last status.
+    clock_offset_ms: i64,
+    held: usize,
+    busy: Option<CommandKind>,
+    settle_until: u64,
+    backoff_until: u64,
+    fault: Option<String>,
+    rotating: Option<Rotation>,
+    reopen: bool,
+    last_probe: u64,
+}
+
+/// A register as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterReport {
+    pub zn: String,
+    pub agent: String,
+    pub inn: Option<String>,
+    pub pool: PoolState,
+    pub in_flight: usize,
+    pub state: Option<KktState>,
+    /// Register clock minus controller clock, ms.
+    pub clock_offset_ms: i64,
+}
+
+/// The balancer's state. See the module doc for its rules.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    config: BalancerConfig,
+    queues: HashMap<String, BTreeMap<u64, Waiting>>,
+    /// Job → (INN, order) for every waiting job, to find and remove it.
+    waiting: HashMap<JobId, (String, u64)>,
+    registers: BTreeMap<String, Register>,
+    /// Job → register for every job given out and not yet back.
+    held: HashMap<JobId, String>,
+}
+
+impl Balancer {
+    pub fn new(config: BalancerConfig) -> Balancer {
+        Balancer {
+            config,
+            ..Balancer::default()
+        }
+    }
+
+    pub fn config(&self) -> &BalancerConfig {
+        &self.config
+    }
+
+    // ---- inputs ----------------------------------------------------------------------------
+
+    /// A job waits at `place`. Idempotent: a job already waiting or held is left where it is.
+    pub fn enqueue(&mut self, place: QueuePlace, waiting: Waiting) {
+        if self.waiting.contains_key(&waiting.job) || self.held.contains_key(&waiting.job) {
+            return;
+        }
+        self.waiting
+            .insert(waiting.job.clone(), (place.inn.clone(), place.order));
+        self.queues
+            .entry(place.inn)
+            .or_default()
+            .insert(place.order, waiting);
+    }
+
+    /// Forget a waiting job (it failed for good, or an operator took it).
+    pub fn remove(&mut self, job: &str) {
+        if let Some((inn, order)) = self.waiting.remove(job) {
+            if let Some(q) = self.queues.get_mut(&inn) {
+                q.remove(&order);
+                if q.is_empty() {
+                    self.queues.remove(&inn);
+                }
+            }
+        }
+    }
+
+    /// Jobs waiting for `inn`'s registers.
+    pub fn depth(&self, inn: &str) -> usize {
+        self.queues.get(inn).map_or(0, BTreeMap::len)
+    }
+
+    pub fn depths(&self) -> Vec<(String, usize)> {
+        let mut v: Vec<_> = self
+            .queues
+            .iter()
+            .map(|(inn, q)| (inn.clone(), q.len()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn is_waiting(&self, job: &str) -> bool {
+        self.waiting.contains_key(job)
+    }
+
+    /// A register is online behind `agent` (attach or reconnect).
+    pub fn online(&mut self, zn: &str, agent: &str) {
+        let r = self
+            .registers
+            .entry(zn.to_owned())
+            .or_insert_with(|| Register {
+                agent: agent.to_owned(),
+                state: None,
+                clock_offset_ms: 0,
+                held: 0,
+                busy: None,
+                settle_until: 0,
+                backoff_until: 0,
+                fault: None,
+                rotating: None,
+                reopen: false,
+                last_probe: 0,
+            });
+        r.agent = agent.to_owned();
+    }
+
+    /// A register went offline. Its jobs stay held (in doubt) until its agent reports them.
+    pub fn offline(&mut self, zn: &str) {
+        self.registers.remove(zn);
+    }
+
+    /// A fresh status of a register, read at `now_ms`.
+    pub fn status(&mut self, zn: &str, state: KktState, now_ms: u64) {
+        if let Some(r) = self.registers.get_mut(zn) {
+            r.clock_offset_ms = i64::from(state.device.date_time) * 1000 - now_ms as i64;
+            r.state = Some(state);
+            r.settle_until = 0;
+            r.fault = None;
+        }
+    }
+
+    /// Held jobs per register, from the store (startup and resynchronisation). `held` lists
+    /// (job, register) for every job assigned or accepted.
+    pub fn set_held(&mut self, held: impl IntoIterator<Item = (JobId, String)>) {
+        self.held = held.into_iter().collect();
+        for r in self.registers.values_mut() {
+            r.held = 0;
+        }
+        for zn in self.held.values() {
+            if let Some(r) = self.registers.get_mut(zn) {
+                r.held += 1;
+            }
+        }
+        let held: Vec<JobId> = self.held.keys().cloned().collect();
+        for job in held {
+            self.remove(&job);
+        }
+    }
+
+    /// A job given out came back (or the dispatch failed). Returns what to do with it when it
+    /// came back without a document; `attempts` is the job's attempt count.
+    pub fn job_done(
+        &mut self,
+        job: &str,
+        kkt: &str,
+        outcome: &Outcome,
+        attempts: u32,
+        now_ms: u64,
+    ) -> Option<Verdict> {
+        if self.held.remove(job).is_some() {
+            if let Some(r) = self.registers.get_mut(kkt) {
+                r.held = r.held.saturating_sub(1);
+            }
+        }
+        let error = match outcome {
+            Outcome::Completed => return None,
+            Outcome::Refused | Outcome::Released => return Some(Verdict::Requeue),
+            Outcome::NotFiscalized(e) => e,
+        };
+        if let Some(r) = self.registers.get_mut(kkt) {
+            match classify(error) {
+                Blame::Receipt => {}
+                Blame::Device(why) => {
+                    r.fault = Some(why);
+                    r.last_probe = now_ms;
+                }
+                Blame::Shift => {
+                    r.rotating = Some(Rotation::Expired);
+                }
+                Blame::Transient(why) => {
+                    r.fault = Some(why);
+                    r.backoff_until = now_ms + self.config.command_backoff_ms;
+                }
+            }
+        }
+        if matches!(classify(error), Blame::Receipt) {
+            return Some(Verdict::Fail(format!(
+                "the register refused the receipt: {error}"
+            )));
+        }
+        if attempts >= self.config.max_attempts {
+            return Some(Verdict::Fail(format!(
+                "not fiscalized after {attempts} attempts; last error: {error}"
+            )));
+        }
+        Some(Verdict::Requeue)
+    }
+
+    /// A command the balancer asked for finished.
+    pub fn command_done(
+        &mut self,
+        kkt: &str,
+        kind: CommandKind,
+        outcome: Result<(), &KktError>,
+        now_ms: u64,
+    ) {
+        let Some(r) = self.registers.get_mut(kkt) else {
+            return;
+        };
+        if r.busy == Some(kind) {
+            r.busy = None;
+        }
+        match (kind, outcome) {
+            (CommandKind::CloseShift, Ok(())) => {
+                r.rotating = None;
+                r.reopen = true;
+                r.settle_until = now_ms + self.config.settle_ms;
+            }
+            (CommandKind::OpenShift, Ok(())) => {
+                r.reopen = false;
+                r.settle_until = now_ms + self.config.settle_ms;
+            }
+            (CommandKind::Probe, Ok(())) => {}
+            // Already in the state we wanted: the status we hold is stale.
+            (CommandKind::OpenShift, Err(e)) if e.code == ErrorCode::SHIFT_OPEN => {
+                r.reopen = false;
+                r.settle_until = now_ms + self.config.settle_ms;
+            }
+            (CommandKind::CloseShift, Err(e)) if e.code == ErrorCode::SHIFT_CLOSED => {
+                r.rotating = None;
+                r.reopen = true;
+                r.settle_until = now_ms + self.config.settle_ms;
+            }
+            (_, Err(e)) => {
+                r.fault = Some(format!("{kind:?} failed: {e}"));
+                r.backoff_until = now_ms + self.config.command_backoff_ms;
+            }
+        }
+    }
+
+    /// A command could not reach the register (offline, timeout).
+    pub fn command_lost(&mut self, kkt: &str, kind: CommandKind, now_ms: u64) {
+        if let Some(r) = self.registers.get_mut(kkt) {
+            if r.busy == Some(kind) {
+                r.busy = None;
+            }
+            r.backoff_until = now_ms + self.config.command_backoff_ms;
+        }
+    }
+
+    // ---- decisions -------------------------------------------------------------------------
+
+    /// What to do now. Dispatches returned here are counted as held at once; the shell reports
+    /// each one's fate through [`Balancer::job_done`] (or [`Balancer::dispatch_failed`]).
+    pub fn poll(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let zns: Vec<String> = self.registers.keys().cloned().collect();
+        for zn in &zns {
+            if let Some(a) = self.automation(zn, now_ms) {
+                actions.push(a);
+            }
+        }
+        let inns: Vec<String> = self.queues.keys().cloned().collect();
+        for inn in inns {
+            self.dispatch_inn(&inn, now_ms, &mut actions);
+        }
+        actions
+    }
+
+    /// A dispatch returned by `poll` did not happen (nothing recorded, or the store put the job
+    /// back): the job waits again at `place`.
+    pub fn dispatch_failed(&mut self, job: &str, kkt: &str, back: Option<(QueuePlace, Waiting)>) {
+        if self.held.remove(job).is_some() {
+            if let Some(r) = self.registers.get_mut(kkt) {
+                r.held = r.held.saturating_sub(1);
+            }
+        }
+        if let Some((place, w)) = back {
+            self.enqueue(place, w);
+        }
+    }
+
+    fn automation(&mut self, zn: &str, now_ms: u64) -> Option<Action> {
+        let cfg = self.config.clone();
+        let has_work = {
+            let r = self.registers.get(zn)?;
+            r.state
+                .as_ref()
+                .and_then(|s| s.fn_info.registration.as_ref())
+                .is_some_and(|reg| self.depth(&reg.user_inn) > 0)
+        };
+        let r = self.registers.get_mut(zn)?;
+        if r.busy.is_some() || now_ms < r.backoff_until {
+            return None;
+        }
+        let probe_every = if r.fault.is_some() || r.state.is_none() {
+            cfg.probe_faulty_every_ms
+        } else {
+            cfg.probe_every_ms
+        };
+        if now_ms.saturating_sub(r.last_probe) >= probe_every && now_ms >= r.settle_until {
+            r.last_probe = now_ms;
+            r.busy = Some(CommandKind::Probe);
+            return Some(Action::Probe { kkt: zn.to_owned() });
+        }
+        if now_ms < r.settle_until {
+            return None;
+        }
+        let state = r.state.as_ref()?;
+        if !usable(state) || fn_retired(state, &cfg, reg_now(r, now_ms)).is_some() {
+            return None;
+        }
+        let now_secs = reg_now(r, now_ms);
+        match state.device.shift {
+            ShiftState::Opened => {
+                if r.rotating.is_none() {
+                    r.rotating = rotation_due(state, &cfg, now_secs);
+                }
+                if let Some(why) = r.rotating {
+                    if r.held == 0 {
+                        r.busy = Some(CommandKind::CloseShift);
+                        return Some(Action::CloseShift {
+                            kkt: zn.to_owned(),
+                            why,
+                        });
+                    }
+                }
+                None
+            }
+            ShiftState::Expired => {
+                r.rotating = Some(Rotation::Expired);
+                if r.held == 0 {
+                    r.busy = Some(CommandKind::CloseShift);
+                    return Some(Action::CloseShift {
+                        kkt: zn.to_owned(),
+                        why: Rotation::Expired,
+                    });
+                }
+                None
+            }
+            ShiftState::Closed => {
+                r.rotating = None;
+                if (has_work || r.reopen) && r.fault.is_none() {
+                    r.busy = Some(CommandKind::OpenShift);
+                    return Some(Action::OpenShift { kkt: zn.to_owned() });
+                }
+                None
+            }
+        }
+    }
+
+    fn dispatch_inn(&mut self, inn: &str, now_ms: u64, actions: &mut Vec<Action>) {
+        let cfg = self.config.clone();
+        // Candidates for this INN with their free slots, whatever the job's taxation.
+        let mut cands: Vec<(String, usize, u32, Vec<TaxationSystem>)> = self
+            .registers
+            .iter()
+            .filter_map(|(zn, r)| {
+                let reg = r.state.as_ref()?.fn_info.registration.as_ref()?;
+                if reg.user_inn != inn || pool_state(r, &cfg, now_ms) != PoolState::Ready {
+                    return None;
+                }
+                let s = r.state.as_ref()?;
+                let headroom = s
+                    .fn_info
+                    .documents_capacity
+                    .saturating_sub(s.fn_info.documents_used);
+                Some((zn.clone(), r.held, headroom, reg.taxation_systems.clone()))
+            })
+            .collect();
+        if cands.is_empty() {
+            return;
+        }
+        let Some(queue) = self.queues.get(inn) else {
+            return;
+        };
+        let mut chosen: Vec<(u64, JobId, String)> = Vec::new();
+        for (order, w) in queue.iter().take(cfg.scan_depth) {
+            let fits = |c: &(String, usize, u32, Vec<TaxationSystem>)| c.3.contains(&w.taxation);
+            let others = cands
+                .iter()
+                .any(|c| fits(c) && Some(&c.0) != w.avoid.as_ref());
+            let best = cands
+                .iter_mut()
+                .filter(|c| fits(c) && c.1 < cfg.max_in_flight)
+                .filter(|c| !others || Some(&c.0) != w.avoid.as_ref())
+                .min_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+            if let Some(c) = best {
+                c.1 += 1;
+                chosen.push((*order, w.job.clone(), c.0.clone()));
+            }
+            if cands.iter().all(|c| c.1 >= cfg.max_in_flight) {
+                break;
+            }
+        }
+        for (order, job, zn) in chosen {
+            if let Some(q) = self.queues.get_mut(inn) {
+                q.remove(&order);
+            }
+            self.waiting.remove(&job);
+            self.held.insert(job.clone(), zn.clone());
+            if let Some(r) = self.registers.get_mut(&zn) {
+                r.held += 1;
+            }
+            actions.push(Action::Dispatch { job, kkt: zn });
+        }
+        if self.queues.get(inn).is_some_and(BTreeMap::is_empty) {
+            self.queues.remove(inn);
+        }
+    }
+
+    // ---- views -----------------------------------------------------------------------------
+
+    pub fn registers(&self, now_ms: u64) -> Vec<RegisterReport> {
+        self.registers
+            .iter()
+            .map(|(zn, r)| RegisterReport {
+                zn: zn.clone(),
+                agent: r.agent.clone(),
+                inn: r
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.fn_info.registration.as_ref())
+                    .map(|reg| reg.user_inn.clone()),
+                pool: pool_state(r, &self.config, now_ms),
+                in_flight: r.held,
+                state: r.state.clone(),
+                clock_offset_ms: r.clock_offset_ms,
+            })
+            .collect()
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// Moscow time, in which a shop's "daily close at 03:00" is meant (UTC+3, no daylight saving).
+const MOSCOW_OFFSET_SECS: i64 = 3 * 3600;
+
+/// The register's clock now, Unix seconds.
+fn reg_now(r: &Register, now_ms: u64) -> i64 {
+    (now_ms as i64 + r.clock_offset_ms).div_euclid(1000)
+}
+
+fn usable(s: &KktState) -> bool {
+    s.device.fiscal && s.fn_info.phase == 3 && s.fn_info.registration.is_some()
+}
+
+/// Why the FN keeps this register out of the pool, if it does.
+fn fn_retired(s: &KktState, cfg: &BalancerConfig, now_secs: i64) -> Option<String> {
+    let f = &s.fn_info;
+    if let Some(code) = f.block {
+        return Some(format!(
+            "the FN is blocked (FN code {code:#04x}); replace the FN"
+        ));
+    }
+    if s.device.blocked || f.warnings.critical_error {
+        return Some("the FN reports a critical error; replace the FN".into());
+    }
+    if f.warnings.need_replacement {
+        return Some("the FN asks for replacement (3 days of validity left)".into());
+    }
+    if f.warnings.memory_overflow {
+        return Some("the FN archive is 90 % full; replace the FN".into());
+    }
+    let left = f.documents_capacity.saturating_sub(f.documents_used);
+    if left < cfg.fn_min_documents_left {
+        return Some(format!(
+            "the FN has room for {left} more documents (margin {}); replace the FN",
+            cfg.fn_min_documents_left
+        ));
+    }
+    let valid_left = i64::from(f.valid_until) - now_secs;
+    if valid_left < cfg.fn_min_valid_secs {
+        return Some(format!(
+            "the FN's validity ends in {} h (margin {} h); replace the FN",
+            valid_left.max(0) / 3600,
+            cfg.fn_min_valid_secs / 3600
+        ));
+    }
+    None
+}
+
+fn rotation_due(s: &KktState, cfg: &BalancerConfig, now_secs: i64) -> Option<Rotation> {
+    if let Some(expires) = s.shift.expires_at {
+        if now_secs >= i64::from(expires) - cfg.rotate_before_secs {
+            return Some(Rotation::Limit);
+        }
+    }
+    if let (Some(at), Some(opened)) = (cfg.daily_close_at, s.shift.opened_at) {
+        let local = now_secs + MOSCOW_OFFSET_SECS;
+        let last = local - (local - at).rem_euclid(86_400);
+        let opened_local = i64::from(opened) + MOSCOW_OFFSET_SECS;
+        if opened_local < last {
+            return Some(Rotation::Daily);
+        }
+    }
+    None
+}
+
+fn pool_state(r: &Register, cfg: &BalancerConfig, now_ms: u64) -> PoolState {
+    let Some(s) = r.state.as_ref() else {
+        return PoolState::Unknown;
+    };
+    if !usable(s) {
+        return PoolState::NotFiscal;
+    }
+    if let Some(why) = fn_retired(s, cfg, reg_now(r, now_ms)) {
+        return PoolState::FnRetired(why);
+    }
+    if let Some(f) = &r.fault {
+        return PoolState::DeviceFault(f.clone());
+    }
+    if !s.device.paper_present {
+        return PoolState::DeviceFault("out of paper".into());
+    }
+    if s.device.cover_open {
+        return PoolState::DeviceFault("cover open".into());
+    }
+    if let Some(kind) = r.busy {
+        if kind != CommandKind::Probe {
+            return PoolState::Busy(kind);
+        }
+    }
+    if now_ms < r.settle_until {
+        return PoolState::Busy(CommandKind::Probe);
+    }
+    if s.device.shift != ShiftState::Opened {
+        return PoolState::ShiftClosed;
+    }
+    if r.rotating.is_some() || rotation_due(s, cfg, reg_now(r, now_ms)).is_some() {
+        return PoolState::Rotating;
+    }
+    PoolState::Ready
+}
+
+enum Blame {
+    /// The receipt itself is wrong: another register would refuse it too.
+    Receipt,
+    /// The register cannot take receipts until its state changes.
+    Device(String),
+    /// The shift must be rotated.
+    Shift,
+    /// Try again later.
+    Transient(String),
+}
+
+fn classify(e: &KktError) -> Blame {
+    match e.code {
+        ErrorCode::INVALID_PARAMETER => Blame::Receipt,
+        ErrorCode::NO_PAPER => Blame::Device("out of paper".into()),
+        ErrorCode::COVER_OPEN => Blame::Device("cover open".into()),
+        ErrorCode::SHIFT_EXPIRED | ErrorCode::SHIFT_CLOSED => Blame::Shift,
+        ErrorCode::FN_EXPIRED
+        | ErrorCode::FN_ARCHIVE_FULL
+        | ErrorCode::CRYPTO_EXHAUSTED
+        | ErrorCode::STORAGE_EXHAUSTED
+        | ErrorCode::UNSENT_DOCUMENTS
+        | ErrorCode::OFD_WAIT_EXHAUSTED
+        | ErrorCode::WRONG_FN_STATE
+        | ErrorCode::FN_NOT_FOUND
+        | ErrorCode::ARCHIVE_CLOSED
+        | ErrorCode::REGISTRATION_NEEDED => Blame::Device(format!("the FN refused: {e}")),
+        _ => Blame::Transient(format!("the register answered: {e}")),
+    }
+}
