@@ -731,3 +731,600 @@ fn classify(e: &KktError) -> Blame {
         _ => Blame::Transient(format!("the register answered: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use protocol::kkt::{
+        DeviceStatus, FfdVersion, FnInfo, FnWarnings, OfdEndpoint, OfdExchangeStatus,
+        RegistrationSummary, ShiftStatus,
+    };
+
+    const INN: &str = "3245001416";
+    const OTHER_INN: &str = "7704211201";
+    /// Controller time of the tests, ms (2026-12-04T12:00:00Z).
+    const NOW: u64 = 1_796_385_600_000;
+    const NOW_S: u32 = (NOW / 1000) as u32;
+
+    fn state(zn: &str, inn: &str) -> KktState {
+        KktState {
+            kkt: zn.into(),
+            device: DeviceStatus {
+                date_time: NOW_S,
+                shift: ShiftState::Opened,
+                blocked: false,
+                cover_open: false,
+                paper_present: true,
+                fiscal: true,
+                fn_present: true,
+                model: "Эфир Pro ФС".into(),
+                zn: zn.into(),
+                firmware: "1".into(),
+            },
+            fn_info: FnInfo {
+                fn_number: format!("999{zn}"),
+                phase: 3,
+                last_fd_number: 10,
+                registrations_done: 1,
+                registrations_left: 11,
+                valid_until: NOW_S + 300 * 86_400,
+                ffd_version: FfdVersion::V1_2,
+                warnings: FnWarnings::default(),
+                block: None,
+                documents_used: 10,
+                documents_capacity: 250_000,
+                registration: Some(RegistrationSummary {
+                    rnm: "0000000001000000".into(),
+                    user_inn: inn.into(),
+                    user_name: "ООО".into(),
+                    taxation_systems: vec![TaxationSystem::Common],
+                    internet: true,
+                    ofd: OfdEndpoint {
+                        name: "ofd".into(),
+                        inn: "7704211201".into(),
+                        host: "127.0.0.1".into(),
+                        port: 1,
+                    },
+                }),
+            },
+            shift: ShiftStatus {
+                state: ShiftState::Opened,
+                number: 1,
+                opened_at: Some(NOW_S - 3600),
+                expires_at: Some(NOW_S - 3600 + 86_400),
+                receipts: 0,
+                documents: 1,
+            },
+            ofd: OfdExchangeStatus {
+                unsent_count: 0,
+                first_unsent_fd: None,
+                first_unsent_date_time: None,
+                last_ack_at: None,
+                ofd: None,
+            },
+        }
+    }
+
+    fn place(order: u64) -> QueuePlace {
+        QueuePlace {
+            inn: INN.into(),
+            order,
+        }
+    }
+
+    fn job(id: &str) -> Waiting {
+        Waiting {
+            job: id.into(),
+            taxation: TaxationSystem::Common,
+            avoid: None,
+        }
+    }
+
+    /// A balancer with `registers` ready registers "k1".. of INN, and no probe due.
+    fn with(registers: &[(&str, KktState)]) -> Balancer {
+        let mut b = Balancer::new(BalancerConfig {
+            probe_every_ms: 3_600_000,
+            probe_faulty_every_ms: 3_600_000,
+            ..BalancerConfig::default()
+        });
+        for (zn, s) in registers {
+            b.online(zn, "agent-1");
+            b.status(zn, s.clone(), NOW);
+            b.registers.get_mut(*zn).unwrap().last_probe = NOW;
+        }
+        b
+    }
+
+    fn dispatches(actions: &[Action]) -> Vec<(String, String)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dispatch { job, kkt } => Some((job.clone(), kkt.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn fail_with(code: ErrorCode) -> Outcome {
+        Outcome::NotFiscalized(KktError::new(code, "test"))
+    }
+
+    #[test]
+    fn only_eligible_registers_get_receipts() {
+        let mut wrong_inn = state("a", OTHER_INN);
+        wrong_inn.kkt = "a".into();
+        let mut not_fiscal = state("b", INN);
+        not_fiscal.device.fiscal = false;
+        let mut no_paper = state("c", INN);
+        no_paper.device.paper_present = false;
+        let mut cover = state("d", INN);
+        cover.device.cover_open = true;
+        let mut closed = state("e", INN);
+        closed.device.shift = ShiftState::Closed;
+        let mut warned = state("f", INN);
+        warned.fn_info.warnings.need_replacement = true;
+        let mut full = state("g", INN);
+        full.fn_info.documents_used = full.fn_info.documents_capacity - 50;
+        let mut expiring = state("h", INN);
+        expiring.fn_info.valid_until = NOW_S + 86_400;
+        let mut blocked = state("i", INN);
+        blocked.fn_info.block = Some(0x06);
+        let mut wrong_tax = state("j", INN);
+        wrong_tax
+            .fn_info
+            .registration
+            .as_mut()
+            .unwrap()
+            .taxation_systems = vec![TaxationSystem::Patent];
+        let mut rotating = state("k", INN);
+        rotating.shift.expires_at = Some(NOW_S + 600);
+        let regs: Vec<(&str, KktState)> = vec![
+            ("a", wrong_inn),
+            ("b", not_fiscal),
+            ("c", no_paper),
+            ("d", cover),
+            ("e", closed),
+            ("f", warned),
+            ("g", full),
+            ("h", expiring),
+            ("i", blocked),
+            ("j", wrong_tax),
+            ("k", rotating),
+        ];
+        let mut b = with(&regs);
+        b.enqueue(place(1), job("r1"));
+        let actions = b.poll(NOW);
+        assert!(dispatches(&actions).is_empty(), "{actions:?}");
+        assert_eq!(b.depth(INN), 1);
+        let pools: Vec<(String, PoolState)> = b
+            .registers(NOW)
+            .into_iter()
+            .map(|r| (r.zn, r.pool))
+            .collect();
+        assert!(matches!(pools[2].1, PoolState::DeviceFault(_)));
+        assert!(matches!(pools[5].1, PoolState::FnRetired(_)));
+        assert!(matches!(pools[6].1, PoolState::FnRetired(_)));
+        assert!(matches!(pools[7].1, PoolState::FnRetired(_)));
+        assert!(matches!(pools[8].1, PoolState::FnRetired(_)));
+        // Nothing in flight on k: the rotation starts at once.
+        assert_eq!(pools[10].1, PoolState::Busy(CommandKind::CloseShift));
+        assert!(actions.contains(&Action::CloseShift {
+            kkt: "k".into(),
+            why: Rotation::Limit
+        }));
+        // e's INN has work: its shift is opened.
+        assert!(actions.contains(&Action::OpenShift { kkt: "e".into() }));
+
+        b.online("z", "agent-1");
+        b.status("z", state("z", INN), NOW);
+        assert_eq!(
+            dispatches(&b.poll(NOW)),
+            vec![("r1".to_string(), "z".to_string())]
+        );
+        assert_eq!(b.depth(INN), 0);
+        assert_eq!(b.held(), 1);
+    }
+
+    #[test]
+    fn fewest_in_flight_first_then_headroom_and_at_most_max_in_flight() {
+        let mut roomy = state("b", INN);
+        roomy.fn_info.documents_used = 5;
+        let mut b = with(&[("a", state("a", INN)), ("b", roomy)]);
+        for i in 0..6 {
+            b.enqueue(place(i), job(&format!("r{i}")));
+        }
+        let d = dispatches(&b.poll(NOW));
+        // b has more headroom so it goes first; then they alternate; two each, FIFO order.
+        assert_eq!(
+            d,
+            vec![
+                ("r0".to_string(), "b".to_string()),
+                ("r1".to_string(), "a".to_string()),
+                ("r2".to_string(), "b".to_string()),
+                ("r3".to_string(), "a".to_string()),
+            ]
+        );
+        assert_eq!(b.depth(INN), 2);
+        assert!(dispatches(&b.poll(NOW)).is_empty());
+        assert_eq!(b.job_done("r1", "a", &Outcome::Completed, 1, NOW), None);
+        assert_eq!(
+            dispatches(&b.poll(NOW)),
+            vec![("r4".to_string(), "a".to_string())]
+        );
+    }
+
+    #[test]
+    fn a_job_that_came_back_keeps_its_place_and_avoids_the_register_that_failed() {
+        let mut b = with(&[("a", state("a", INN)), ("b", state("b", INN))]);
+        b.config.max_in_flight = 1;
+        b.enqueue(place(1), job("r1"));
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r1".into(), "a".into())]);
+        b.enqueue(place(2), job("r2"));
+        b.enqueue(place(3), job("r3"));
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r2".into(), "b".into())]);
+        // r1 fails on a for a transient reason; it comes back ahead of r3 and avoids a.
+        let v = b.job_done("r1", "a", &fail_with(ErrorCode::NO_CONNECTION), 1, NOW);
+        assert_eq!(v, Some(Verdict::Requeue));
+        b.enqueue(
+            place(1),
+            Waiting {
+                avoid: Some("a".into()),
+                ..job("r1")
+            },
+        );
+        // a is in backoff after the transient fault, b is full: nothing moves.
+        assert!(dispatches(&b.poll(NOW)).is_empty());
+        b.job_done("r2", "b", &Outcome::Completed, 1, NOW);
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r1".into(), "b".into())]);
+        // With only the avoided register able to take a job, it still gets it.
+        let mut only_a = with(&[("a", state("a", INN))]);
+        only_a.enqueue(
+            place(1),
+            Waiting {
+                avoid: Some("a".into()),
+                ..job("x")
+            },
+        );
+        assert_eq!(dispatches(&only_a.poll(NOW)), vec![("x".into(), "a".into())]);
+    }
+
+    #[test]
+    fn paper_out_takes_the_register_out_until_a_fresh_status_says_otherwise() {
+        let mut b = with(&[("a", state("a", INN)), ("b", state("b", INN))]);
+        b.enqueue(place(1), job("r1"));
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r1".into(), "a".into())]);
+        let v = b.job_done("r1", "a", &fail_with(ErrorCode::NO_PAPER), 1, NOW);
+        assert_eq!(v, Some(Verdict::Requeue));
+        b.enqueue(place(1), job("r1"));
+        b.enqueue(place(2), job("r2"));
+        b.enqueue(place(3), job("r3"));
+        let d = dispatches(&b.poll(NOW));
+        assert!(d.iter().all(|(_, k)| k == "b"), "{d:?}");
+        assert!(matches!(
+            b.registers(NOW)[0].pool,
+            PoolState::DeviceFault(_)
+        ));
+        // A fresh status with paper in brings it back.
+        b.status("a", state("a", INN), NOW + 10);
+        assert_eq!(dispatches(&b.poll(NOW + 10)), vec![("r3".into(), "a".into())]);
+    }
+
+    #[test]
+    fn fn_errors_retire_the_register_and_receipt_errors_fail_the_receipt() {
+        let mut b = with(&[("a", state("a", INN)), ("b", state("b", INN))]);
+        b.enqueue(place(1), job("r1"));
+        b.poll(NOW);
+        let v = b.job_done("r1", "a", &fail_with(ErrorCode::FN_ARCHIVE_FULL), 1, NOW);
+        assert_eq!(v, Some(Verdict::Requeue));
+        assert!(matches!(b.registers(NOW)[0].pool, PoolState::DeviceFault(_)));
+        let mut full = state("a", INN);
+        full.fn_info.block = Some(0x06);
+        b.status("a", full, NOW);
+        assert!(matches!(b.registers(NOW)[0].pool, PoolState::FnRetired(_)));
+
+        b.enqueue(place(2), job("r2"));
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r2".into(), "b".into())]);
+        match b.job_done("r2", "b", &fail_with(ErrorCode::INVALID_PARAMETER), 1, NOW) {
+            Some(Verdict::Fail(why)) => assert!(why.contains("refused the receipt"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        b.enqueue(place(3), job("r3"));
+        b.poll(NOW);
+        let max = b.config.max_attempts;
+        match b.job_done("r3", "b", &Outcome::Refused, max, NOW) {
+            Some(Verdict::Requeue) => {}
+            other => panic!("a refusal is not the receipt's fault: {other:?}"),
+        }
+        b.enqueue(place(3), job("r3"));
+        b.poll(NOW);
+        match b.job_done("r3", "b", &fail_with(ErrorCode::NO_CONNECTION), max, NOW) {
+            Some(Verdict::Fail(why)) => assert!(why.contains("attempts"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn shift_rotates_by_the_registers_clock_after_draining() {
+        // The register's clock is 23 h 40 min ahead of the controller: its shift (opened at
+        // its own NOW-1h) runs out in 20 min by its clock.
+        let mut s = state("a", INN);
+        let ahead = 23 * 3600 + 40 * 60;
+        s.device.date_time += ahead;
+        s.shift.opened_at = Some(NOW_S + ahead - 23 * 3600 - 40 * 60);
+        s.shift.expires_at = Some(s.shift.opened_at.unwrap() + 86_400);
+        s.device.date_time = s.shift.expires_at.unwrap() - 20 * 60;
+        let mut b = with(&[("a", s.clone())]);
+        b.set_held(vec![("busy".to_string(), "a".to_string())]);
+        b.enqueue(place(1), job("r1"));
+        let actions = b.poll(NOW);
+        assert!(actions.is_empty(), "draining: no new job, no close yet: {actions:?}");
+        assert_eq!(b.registers(NOW)[0].pool, PoolState::Rotating);
+        b.job_done("busy", "a", &Outcome::Completed, 1, NOW);
+        let actions = b.poll(NOW);
+        assert_eq!(
+            actions,
+            vec![Action::CloseShift {
+                kkt: "a".into(),
+                why: Rotation::Limit
+            }]
+        );
+        assert!(b.poll(NOW).is_empty(), "one command at a time");
+        b.command_done("a", CommandKind::CloseShift, Ok(()), NOW);
+        assert!(b.poll(NOW).is_empty(), "waits for the fresh status");
+        s.device.shift = ShiftState::Closed;
+        s.shift.state = ShiftState::Closed;
+        b.status("a", s.clone(), NOW + 1);
+        assert_eq!(b.poll(NOW + 1), vec![Action::OpenShift { kkt: "a".into() }]);
+        b.command_done("a", CommandKind::OpenShift, Ok(()), NOW + 2);
+        s.device.shift = ShiftState::Opened;
+        s.shift = ShiftStatus {
+            state: ShiftState::Opened,
+            number: 2,
+            opened_at: Some(s.device.date_time),
+            expires_at: Some(s.device.date_time + 86_400),
+            receipts: 0,
+            documents: 1,
+        };
+        b.status("a", s, NOW + 3);
+        assert_eq!(dispatches(&b.poll(NOW + 3)), vec![("r1".into(), "a".into())]);
+    }
+
+    #[test]
+    fn an_expired_shift_or_a_shift_error_is_closed_and_reopened() {
+        let mut s = state("a", INN);
+        s.device.shift = ShiftState::Expired;
+        let mut b = with(&[("a", s)]);
+        assert_eq!(
+            b.poll(NOW),
+            vec![Action::CloseShift {
+                kkt: "a".into(),
+                why: Rotation::Expired
+            }]
+        );
+        let mut b = with(&[("a", state("a", INN))]);
+        b.enqueue(place(1), job("r1"));
+        b.poll(NOW);
+        b.job_done("r1", "a", &fail_with(ErrorCode::SHIFT_EXPIRED), 1, NOW);
+        assert_eq!(
+            b.poll(NOW),
+            vec![Action::CloseShift {
+                kkt: "a".into(),
+                why: Rotation::Expired
+            }]
+        );
+    }
+
+    #[test]
+    fn daily_close_rotates_a_shift_opened_before_the_daily_time() {
+        // 03:00 Moscow = 00:00 UTC. The shift was opened at 11:00 UTC yesterday... no: at
+        // NOW-13h = 23:00 UTC the day before, i.e. before today's 00:00 UTC.
+        let mut s = state("a", INN);
+        s.shift.opened_at = Some(NOW_S - 13 * 3600);
+        s.shift.expires_at = Some(NOW_S - 13 * 3600 + 86_400);
+        let mut b = with(&[("a", s.clone())]);
+        b.config.daily_close_at = Some(3 * 3600);
+        assert_eq!(
+            b.poll(NOW),
+            vec![Action::CloseShift {
+                kkt: "a".into(),
+                why: Rotation::Daily
+            }]
+        );
+        // Opened after today's 03:00 Moscow: nothing to do.
+        s.shift.opened_at = Some(NOW_S - 3600);
+        let mut b = with(&[("a", s)]);
+        b.config.daily_close_at = Some(3 * 3600);
+        assert!(b.poll(NOW).is_empty());
+    }
+
+    #[test]
+    fn a_closed_shift_is_opened_only_when_its_inn_has_work() {
+        let mut s = state("a", INN);
+        s.device.shift = ShiftState::Closed;
+        let mut b = with(&[("a", s)]);
+        assert!(b.poll(NOW).is_empty());
+        let mut other = place(1);
+        other.inn = OTHER_INN.into();
+        b.enqueue(other, job("x"));
+        assert!(b.poll(NOW).is_empty(), "work of another INN");
+        b.enqueue(place(2), job("r1"));
+        assert_eq!(b.poll(NOW), vec![Action::OpenShift { kkt: "a".into() }]);
+        // A refusal because it is already open only means our status was stale.
+        b.command_done(
+            "a",
+            CommandKind::OpenShift,
+            Err(&KktError::new(ErrorCode::SHIFT_OPEN, "open")),
+            NOW,
+        );
+        assert!(b.poll(NOW).is_empty());
+        assert_eq!(
+            b.registers(NOW)[0].pool,
+            PoolState::Busy(CommandKind::Probe),
+            "settling until a fresh status"
+        );
+    }
+
+    #[test]
+    fn registers_are_probed_and_faulty_ones_more_often() {
+        let mut b = Balancer::new(BalancerConfig {
+            probe_every_ms: 60_000,
+            probe_faulty_every_ms: 2_000,
+            ..BalancerConfig::default()
+        });
+        b.online("a", "agent-1");
+        assert_eq!(b.poll(NOW), vec![Action::Probe { kkt: "a".into() }]);
+        assert!(b.poll(NOW + 5_000).is_empty(), "busy with the probe");
+        b.command_done("a", CommandKind::Probe, Ok(()), NOW + 10);
+        b.status("a", state("a", INN), NOW + 20);
+        assert!(b.poll(NOW + 30_000).is_empty());
+        assert_eq!(b.poll(NOW + 60_000), vec![Action::Probe { kkt: "a".into() }]);
+        b.command_done("a", CommandKind::Probe, Ok(()), NOW + 60_010);
+        b.enqueue(place(1), job("r1"));
+        b.poll(NOW + 60_020);
+        b.job_done("r1", "a", &fail_with(ErrorCode::NO_PAPER), 1, NOW + 60_030);
+        assert!(b.poll(NOW + 61_000).is_empty());
+        assert_eq!(b.poll(NOW + 62_100), vec![Action::Probe { kkt: "a".into() }]);
+        // A command that never reached the register frees it after a backoff.
+        b.command_lost("a", CommandKind::Probe, NOW + 62_200);
+        assert!(b.poll(NOW + 63_000).is_empty());
+    }
+
+    #[test]
+    fn offline_registers_get_nothing_and_their_jobs_stay_held() {
+        let mut b = with(&[("a", state("a", INN)), ("b", state("b", INN))]);
+        b.enqueue(place(1), job("r1"));
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r1".into(), "a".into())]);
+        b.offline("a");
+        b.enqueue(place(2), job("r2"));
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r2".into(), "b".into())]);
+        assert_eq!(b.held(), 2, "r1 is in doubt, not forgotten");
+        // A held job is not queued again by a stray enqueue.
+        b.enqueue(place(1), job("r1"));
+        assert_eq!(b.depth(INN), 0);
+        b.job_done("r1", "a", &Outcome::Released, 1, NOW);
+        b.enqueue(place(1), job("r1"));
+        assert_eq!(b.depth(INN), 1);
+    }
+
+    #[test]
+    fn a_failed_dispatch_puts_the_job_back_in_its_place() {
+        let mut b = with(&[("a", state("a", INN))]);
+        b.enqueue(place(5), job("r5"));
+        b.poll(NOW);
+        b.enqueue(place(6), job("r6"));
+        b.dispatch_failed("r5", "a", Some((place(5), job("r5"))));
+        assert_eq!(b.held(), 0);
+        let d = dispatches(&b.poll(NOW));
+        assert_eq!(d[0], ("r5".into(), "a".into()));
+    }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashSet;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Enqueue,
+            Poll,
+            Done(usize, u8),
+            Paper(usize, bool),
+            Offline(usize),
+            Online(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => Just(Op::Enqueue),
+                3 => Just(Op::Poll),
+                3 => (0usize..64, 0u8..5).prop_map(|(i, o)| Op::Done(i, o)),
+                1 => (0usize..3, any::<bool>()).prop_map(|(r, p)| Op::Paper(r, p)),
+                1 => (0usize..3).prop_map(Op::Offline),
+                1 => (0usize..3).prop_map(Op::Online),
+            ]
+        }
+
+        proptest! {
+            /// Against a model of who holds what: a job is never given out while held, never
+            /// both waiting and held, no register exceeds its in-flight limit, and only
+            /// eligible registers (online, paper in) get work.
+            #[test]
+            fn the_balancer_never_double_books(ops in proptest::collection::vec(op(), 1..200)) {
+                let zns = ["a", "b", "c"];
+                let mut b = with(&[("a", state("a", INN)), ("b", state("b", INN)), ("c", state("c", INN))]);
+                let mut next = 0u64;
+                let mut held: Vec<(String, String)> = Vec::new();
+                let mut waiting: HashSet<String> = HashSet::new();
+                let mut online: HashSet<&str> = zns.iter().copied().collect();
+                let mut paper: HashSet<&str> = zns.iter().copied().collect();
+                let mut t = NOW;
+                for op in ops {
+                    t += 1;
+                    match op {
+                        Op::Enqueue => {
+                            next += 1;
+                            let id = format!("r{next}");
+                            b.enqueue(place(next), job(&id));
+                            waiting.insert(id);
+                        }
+                        Op::Poll => {
+                            for (job_id, kkt) in dispatches(&b.poll(t)) {
+                                prop_assert!(waiting.remove(&job_id), "{job_id} was not waiting");
+                                prop_assert!(!held.iter().any(|(j, _)| *j == job_id));
+                                prop_assert!(online.contains(kkt.as_str()));
+                                prop_assert!(paper.contains(kkt.as_str()), "{kkt} has no paper");
+                                held.push((job_id, kkt));
+                            }
+                        }
+                        Op::Done(i, o) => {
+                            if held.is_empty() { continue; }
+                            let (job_id, kkt) = held.remove(i % held.len());
+                            let outcome = match o {
+                                0 => Outcome::Completed,
+                                1 => Outcome::Refused,
+                                2 => Outcome::Released,
+                                3 => fail_with(ErrorCode::NO_PAPER),
+                                _ => fail_with(ErrorCode::NO_CONNECTION),
+                            };
+                            let v = b.job_done(&job_id, &kkt, &outcome, 1, t);
+                            if v == Some(Verdict::Requeue) {
+                                let order: u64 = job_id[1..].parse().unwrap();
+                                b.enqueue(place(order), job(&job_id));
+                                waiting.insert(job_id);
+                            }
+                        }
+                        Op::Paper(r, present) => {
+                            let zn = zns[r];
+                            let mut s = state(zn, INN);
+                            s.device.paper_present = present;
+                            if present { paper.insert(zn); } else { paper.remove(zn); }
+                            b.status(zn, s, t);
+                        }
+                        Op::Offline(r) => {
+                            b.offline(zns[r]);
+                            online.remove(zns[r]);
+                        }
+                        Op::Online(r) => {
+                            let zn = zns[r];
+                            if online.insert(zn) {
+                                b.online(zn, "agent-1");
+                                let mut s = state(zn, INN);
+                                s.device.paper_present = paper.contains(zn);
+                                b.status(zn, s, t);
+                                b.registers.get_mut(zn).unwrap().last_probe = t;
+                                let mine = held.iter().filter(|(_, k)| k == zn).count();
+                                b.registers.get_mut(zn).unwrap().held = mine;
+                            }
+                        }
+                    }
+                    for r in b.registers(t) {
+                        prop_assert!(r.in_flight <= b.config.max_in_flight, "{} holds {}", r.zn, r.in_flight);
+                    }
+                    prop_assert_eq!(b.depth(INN), waiting.len());
+                    prop_assert_eq!(b.held(), held.len());
+                }
+            }
+        }
+    }
+}
