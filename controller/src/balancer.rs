@@ -261,6 +261,8 @@ impl Balancer {
 
     /// A register is online behind `agent` (attach or reconnect).
     pub fn online(&mut self, zn: &str, agent: &str) {
+        // Jobs it held before it went away still count against its in-flight limit.
+        let held = self.held.values().filter(|k| *k == zn).count();
         let r = self
             .registers
             .entry(zn.to_owned())
@@ -268,7 +270,7 @@ impl Balancer {
                 agent: agent.to_owned(),
                 state: None,
                 clock_offset_ms: 0,
-                held: 0,
+                held,
                 busy: None,
                 settle_until: 0,
                 backoff_until: 0,
@@ -986,7 +988,10 @@ mod tests {
                 ..job("x")
             },
         );
-        assert_eq!(dispatches(&only_a.poll(NOW)), vec![("x".into(), "a".into())]);
+        assert_eq!(
+            dispatches(&only_a.poll(NOW)),
+            vec![("x".into(), "a".into())]
+        );
     }
 
     #[test]
@@ -1007,7 +1012,10 @@ mod tests {
         ));
         // A fresh status with paper in brings it back.
         b.status("a", state("a", INN), NOW + 10);
-        assert_eq!(dispatches(&b.poll(NOW + 10)), vec![("r3".into(), "a".into())]);
+        assert_eq!(
+            dispatches(&b.poll(NOW + 10)),
+            vec![("r3".into(), "a".into())]
+        );
     }
 
     #[test]
@@ -1017,7 +1025,10 @@ mod tests {
         b.poll(NOW);
         let v = b.job_done("r1", "a", &fail_with(ErrorCode::FN_ARCHIVE_FULL), 1, NOW);
         assert_eq!(v, Some(Verdict::Requeue));
-        assert!(matches!(b.registers(NOW)[0].pool, PoolState::DeviceFault(_)));
+        assert!(matches!(
+            b.registers(NOW)[0].pool,
+            PoolState::DeviceFault(_)
+        ));
         let mut full = state("a", INN);
         full.fn_info.block = Some(0x06);
         b.status("a", full, NOW);
@@ -1058,7 +1069,10 @@ mod tests {
         b.set_held(vec![("busy".to_string(), "a".to_string())]);
         b.enqueue(place(1), job("r1"));
         let actions = b.poll(NOW);
-        assert!(actions.is_empty(), "draining: no new job, no close yet: {actions:?}");
+        assert!(
+            actions.is_empty(),
+            "draining: no new job, no close yet: {actions:?}"
+        );
         assert_eq!(b.registers(NOW)[0].pool, PoolState::Rotating);
         b.job_done("busy", "a", &Outcome::Completed, 1, NOW);
         let actions = b.poll(NOW);
@@ -1087,7 +1101,10 @@ mod tests {
             documents: 1,
         };
         b.status("a", s, NOW + 3);
-        assert_eq!(dispatches(&b.poll(NOW + 3)), vec![("r1".into(), "a".into())]);
+        assert_eq!(
+            dispatches(&b.poll(NOW + 3)),
+            vec![("r1".into(), "a".into())]
+        );
     }
 
     #[test]
@@ -1178,13 +1195,19 @@ mod tests {
         b.command_done("a", CommandKind::Probe, Ok(()), NOW + 10);
         b.status("a", state("a", INN), NOW + 20);
         assert!(b.poll(NOW + 30_000).is_empty());
-        assert_eq!(b.poll(NOW + 60_000), vec![Action::Probe { kkt: "a".into() }]);
+        assert_eq!(
+            b.poll(NOW + 60_000),
+            vec![Action::Probe { kkt: "a".into() }]
+        );
         b.command_done("a", CommandKind::Probe, Ok(()), NOW + 60_010);
         b.enqueue(place(1), job("r1"));
         b.poll(NOW + 60_020);
         b.job_done("r1", "a", &fail_with(ErrorCode::NO_PAPER), 1, NOW + 60_030);
         assert!(b.poll(NOW + 61_000).is_empty());
-        assert_eq!(b.poll(NOW + 62_100), vec![Action::Probe { kkt: "a".into() }]);
+        assert_eq!(
+            b.poll(NOW + 62_100),
+            vec![Action::Probe { kkt: "a".into() }]
+        );
         // A command that never reached the register frees it after a backoff.
         b.command_lost("a", CommandKind::Probe, NOW + 62_200);
         assert!(b.poll(NOW + 63_000).is_empty());
@@ -1202,9 +1225,17 @@ mod tests {
         // A held job is not queued again by a stray enqueue.
         b.enqueue(place(1), job("r1"));
         assert_eq!(b.depth(INN), 0);
+        // Back online, it still holds r1: with a limit of one, nothing more for it.
+        b.config.max_in_flight = 1;
+        b.online("a", "agent-1");
+        b.status("a", state("a", INN), NOW);
+        assert_eq!(b.registers(NOW)[0].in_flight, 1);
+        b.enqueue(place(3), job("r3"));
+        assert!(dispatches(&b.poll(NOW)).is_empty());
         b.job_done("r1", "a", &Outcome::Released, 1, NOW);
         b.enqueue(place(1), job("r1"));
-        assert_eq!(b.depth(INN), 1);
+        assert_eq!(b.depth(INN), 2);
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r1".into(), "a".into())]);
     }
 
     #[test]
