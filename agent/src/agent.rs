@@ -448,6 +448,11 @@ impl Agent {
         self.journal().next_for(zn).cloned()
     }
 
+    /// The accepted job that would run on `zn` after `current`.
+    pub fn next_accepted(&self, zn: &str, current: &str) -> Option<JournalJob> {
+        self.journal().next_accepted_for(zn, current).cloned()
+    }
+
     /// Applies a journal transition and waits until it is durable. `false` when the transition
     /// did not apply (the job was not in the expected phase): the caller must not act on it.
     pub async fn transition(&self, f: impl FnOnce(&mut Journal) -> Vec<Write>) -> bool {
@@ -477,6 +482,36 @@ impl Agent {
         if let Some((seq, pending)) = made {
             self.durable(pending).await;
             self.outbox_durable(seq);
+        }
+    }
+
+    /// Like [`Agent::report`], but returns as soon as the outbox entry is queued for its commit;
+    /// a task marks it sendable once durable. The executor uses it so that a register's next
+    /// receipt does not wait for this commit. Safe because the store commits writes in the order
+    /// they were queued: the next job's `Executing` write, queued after this entry, cannot become
+    /// durable before it, and the entry is not sent before it is durable. Were the agent to die
+    /// first, the job is still `Executing` on disk and recovery finds its document in the archive.
+    pub fn report_queued(
+        self: &Arc<Self>,
+        job: &str,
+        outcome: Result<protocol::kkt::FiscalResult, KktError>,
+    ) {
+        let made = {
+            let mut j = self.journal();
+            let now = now_secs();
+            let r = match outcome {
+                Ok(result) => j.complete(job, result, now),
+                Err(error) => j.not_fiscalized(job, error, now),
+            };
+            r.map(|(entry, writes)| (entry.seq, self.store.enqueue(writes)))
+        };
+        if let Some((seq, pending)) = made {
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.durable(pending).await;
+                // A watermark: marking a later entry first is fine, its commit implies this one.
+                me.outbox_durable(seq);
+            });
         }
     }
 

@@ -26,6 +26,7 @@ const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs until the register detaches (or a newer attachment replaces this one).
 pub async fn run(agent: Arc<Agent>, zn: String, generation: u64, wake: Arc<Notify>) {
+    let mut state = Pipeline::default();
     loop {
         if !agent.is_attached(&zn, generation) {
             return;
@@ -38,8 +39,9 @@ pub async fn run(agent: Arc<Agent>, zn: String, generation: u64, wake: Arc<Notif
             agent: &agent,
             zn: &zn,
             generation,
+            wake: &wake,
         };
-        match step(&on, job).await {
+        match step(&on, job, &mut state).await {
             Ok(()) => {}
             Err(CallError::LinkLost) | Err(CallError::NotAttached) => {
                 debug!(kkt = %zn, "link lost during a job; recovery runs on reattach");
@@ -49,6 +51,7 @@ pub async fn run(agent: Arc<Agent>, zn: String, generation: u64, wake: Arc<Notif
                 // A query failed (not the job itself): the job stays where it is; try again
                 // shortly, or sooner if woken.
                 warn!(kkt = %zn, error = %e, "register query failed; retrying");
+                state = Pipeline::default();
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_AFTER) => {}
                     _ = wake.notified() => {}
@@ -58,11 +61,29 @@ pub async fn run(agent: Arc<Agent>, zn: String, generation: u64, wake: Arc<Notif
     }
 }
 
+/// What the executor carries from one receipt to the next on the same register, so that the
+/// register does not wait between receipts:
+/// * `known` — the FN position the last receipt ended at, used instead of asking the FN;
+/// * `prepared` — the next job, already made `Executing` (durably) while the previous receipt
+///   was being printed, with the `fd_before` the previous one was sent with.
+///
+/// Both are safe because an `fd_before` may be stale-low but never high: FN numbers only grow,
+/// and anything formed since (the previous receipt, a shift command) moves the real number past
+/// it. Recovery reads every document after `fd_before` looking for the job's id, so a low value
+/// only makes it read more. The one stale case that is not low, a replaced FN, makes recovery
+/// stop and leave the job in doubt rather than guess.
+#[derive(Default)]
+struct Pipeline {
+    known: Option<(String, u32)>,
+    prepared: Option<String>,
+}
+
 /// One attachment of one register: every call the executor makes goes through it.
 struct Link<'a> {
-    agent: &'a Agent,
+    agent: &'a Arc<Agent>,
     zn: &'a str,
     generation: u64,
+    wake: &'a Notify,
 }
 
 impl Link<'_> {
@@ -86,20 +107,36 @@ fn unexpected(what: &str, reply: &Reply) -> CallError {
     ))
 }
 
-async fn step(link: &Link<'_>, job: JournalJob) -> Result<(), CallError> {
+async fn step(link: &Link<'_>, job: JournalJob, state: &mut Pipeline) -> Result<(), CallError> {
+    let prepared = state.prepared.take();
     match &job.phase {
         JobPhase::Reported { .. } => Ok(()),
+        // Made `Executing` by this executor while the previous receipt ran: not an interrupted
+        // job, send it.
         JobPhase::Executing {
             fn_number,
             fd_before,
-        } => recover(link, &job, fn_number, *fd_before).await,
-        JobPhase::Accepted => execute(link, &job).await,
+        } if prepared.as_deref() == Some(job.job.as_str()) => {
+            send(link, &job, fn_number.clone(), *fd_before, state).await
+        }
+        JobPhase::Executing {
+            fn_number,
+            fd_before,
+        } => {
+            state.known = None;
+            recover(link, &job, fn_number, *fd_before).await
+        }
+        JobPhase::Accepted => execute(link, &job, state).await,
     }
 }
 
-async fn execute(link: &Link<'_>, job: &JournalJob) -> Result<(), CallError> {
-    let (agent, zn) = (link.agent, link.zn);
-    let (fn_number, fd_before) = match link.fn_position().await {
+async fn execute(link: &Link<'_>, job: &JournalJob, state: &mut Pipeline) -> Result<(), CallError> {
+    let agent = link.agent;
+    let position = match state.known.take() {
+        Some(p) => Ok(p),
+        None => link.fn_position().await,
+    };
+    let (fn_number, fd_before) = match position {
         Ok(p) => p,
         Err(CallError::Kkt(e)) => {
             // Nothing was sent: the register refused even to report; the job was not fiscalized.
@@ -116,12 +153,74 @@ async fn execute(link: &Link<'_>, job: &JournalJob) -> Result<(), CallError> {
         // Someone else moved the job on (a newer executor after a reattach): not ours to send.
         return Ok(());
     }
+    send(link, job, fn_number, fd_before, state).await
+}
+
+/// Makes the register's next accepted job `Executing` with `fd_before`; its id when done.
+async fn prepare_next(
+    link: &Link<'_>,
+    current: &str,
+    fn_number: &str,
+    fd_before: u32,
+) -> Option<String> {
+    let next = link.agent.next_accepted(link.zn, current)?;
+    let id = next.job.clone();
+    link.agent
+        .transition(|j| j.start(&id, fn_number, fd_before))
+        .await
+        .then_some(next.job)
+}
+
+/// Sends a job whose `Executing` is durable, and reports the answer. While the register works,
+/// the next job is prepared (see [`Pipeline`]).
+async fn send(
+    link: &Link<'_>,
+    job: &JournalJob,
+    fn_number: String,
+    fd_before: u32,
+    state: &mut Pipeline,
+) -> Result<(), CallError> {
+    let (agent, zn) = (link.agent, link.zn);
     debug!(job = %job.job, kkt = %zn, fd_before, "executing");
     crash_point("after-executing");
-    match link.call(job.work.call(&job.job)).await {
+    let call = link.call(job.work.call(&job.job));
+    tokio::pin!(call);
+    let mut prepared = None;
+    let mut preparing = Some(Box::pin(prepare_next(
+        link, &job.job, &fn_number, fd_before,
+    )));
+    let answer = loop {
+        match preparing.as_mut() {
+            Some(p) => tokio::select! {
+                a = &mut call => break a,
+                next = p => {
+                    preparing = None;
+                    prepared = next;
+                }
+            },
+            None if prepared.is_some() => break (&mut call).await,
+            // Nothing to prepare yet: wait for the receipt or for a new job.
+            None => tokio::select! {
+                a = &mut call => break a,
+                _ = link.wake.notified() => {
+                    preparing = Some(Box::pin(prepare_next(link, &job.job, &fn_number, fd_before)));
+                }
+            },
+        }
+    };
+    // A preparation once begun is finished: its write may already be queued, and an abandoned
+    // one would send the job through recovery instead.
+    if let Some(p) = preparing {
+        prepared = p.await;
+    }
+    state.prepared = prepared;
+    match answer {
         Ok(Reply::Fiscal(result)) => {
             crash_point("before-report");
-            agent.report(&job.job, Ok(result)).await;
+            if result.fn_number == fn_number {
+                state.known = Some((result.fn_number.clone(), result.fd_number));
+            }
+            agent.report_queued(&job.job, Ok(result));
             Ok(())
         }
         Ok(other) => {

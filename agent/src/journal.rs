@@ -336,6 +336,15 @@ impl Journal {
             })
     }
 
+    /// The accepted job that [`Journal::next_for`] will give after `current` is done: the one the
+    /// executor may prepare while `current` runs.
+    pub fn next_accepted_for(&self, kkt: &str, current: &str) -> Option<&JournalJob> {
+        self.jobs
+            .values()
+            .filter(|j| j.kkt == kkt && j.job != current && j.phase == JobPhase::Accepted)
+            .min_by_key(|j| (j.accepted_at, j.job.clone()))
+    }
+
     /// Applies a write to the in-memory state only (used when loading from disk).
     fn load(&mut self, w: Write) {
         match w {

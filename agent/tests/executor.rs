@@ -221,3 +221,77 @@ async fn a_full_journal_refuses_new_jobs_raises_an_alarm_and_keeps_what_it_holds
     let next = next_entry(&rig.agent, entry.seq).await;
     assert!(matches!(next.body, OutboxBody::Completed { ref job, .. } if job == "after"));
 }
+
+/// Receipts queued on one register run back to back: the next one is made `Executing` (with the
+/// previous `fd_before`, stale-low and safe) while the register prints the current one. Each is
+/// fiscalized once, in dispatch order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_queued_on_one_register_run_back_to_back_each_once() {
+    let rig = rig().await;
+    let zn = ready_register(&rig).await;
+    rig.fleet.device(&zn).unwrap().faults().latency_ms = 30;
+    for n in 0..6 {
+        rig.agent
+            .on_dispatch(dispatch(&format!("job-b{n}"), &zn, 10 + n))
+            .await;
+    }
+    let mut after = 0;
+    let mut seen = Vec::new();
+    while seen.len() < 6 {
+        let entry = next_entry(&rig.agent, after).await;
+        after = entry.seq;
+        if let OutboxBody::Completed { job, result, .. } = entry.body {
+            seen.push((job, result.fd_number));
+        }
+    }
+    let expected: Vec<(String, u32)> = (0..6).map(|n| (format!("job-b{n}"), 3 + n)).collect();
+    assert_eq!(seen, expected);
+    for n in 0..6 {
+        assert_eq!(
+            documents_for(&rig.agent, &zn, &format!("job-b{n}")).await,
+            1
+        );
+    }
+}
+
+/// The register reboots after forming a document while the next job was already prepared
+/// (`Executing` on disk, never sent): recovery finds the first in the archive and proves the
+/// second was not fiscalized, which then runs. Each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_with_the_next_receipt_prepared_settles_both_exactly_once() {
+    let rig = rig().await;
+    let zn = ready_register(&rig).await;
+    {
+        let device = rig.fleet.device(&zn).unwrap();
+        let mut faults = device.faults();
+        faults.latency_ms = 50;
+        faults.crash_next_receipt = Some(CrashMode::Reboot);
+    }
+    for n in 0..3 {
+        rig.agent
+            .on_dispatch(dispatch(&format!("job-c{n}"), &zn, 20 + n))
+            .await;
+    }
+    let mut after = 0;
+    let mut done = std::collections::BTreeMap::new();
+    while done.len() < 3 {
+        let entry = next_entry(&rig.agent, after).await;
+        after = entry.seq;
+        match entry.body {
+            OutboxBody::Completed { job, .. } => {
+                assert!(
+                    done.insert(job.clone(), ()).is_none(),
+                    "{job} reported twice"
+                );
+            }
+            other => panic!("every job must complete, got {other:?}"),
+        }
+    }
+    attached(&rig.agent, 1).await;
+    for n in 0..3 {
+        assert_eq!(
+            documents_for(&rig.agent, &zn, &format!("job-c{n}")).await,
+            1
+        );
+    }
+}
