@@ -57,7 +57,10 @@ pub enum CrashMode {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Faults {
-    /// Service time added to every request.
+    /// Service time of an operation that forms a document (printing and signing a receipt, a
+    /// shift report). Status and archive queries answer at once, as a real register's do: a
+    /// register's capacity is its documents per second, and the agent's status checks around a
+    /// receipt must not count as receipts.
     pub latency_ms: u64,
     /// Fires on the next receipt or correction, then clears itself.
     pub crash_next_receipt: Option<CrashMode>,
@@ -432,10 +435,13 @@ enum Executed {
 }
 
 async fn execute(fleet: &Fleet, device: &Device, call: Call) -> Executed {
-    let latency = device.faults().latency_ms;
-    if latency > 0 {
-        tokio::time::sleep(Duration::from_millis(latency)).await;
-    }
+    // The service time covers the whole operation, FN write included: the register answers
+    // `latency_ms` after the request, or later if its own work took longer.
+    let service = call
+        .forms_document()
+        .then(|| Duration::from_millis(device.faults().latency_ms))
+        .filter(|d| !d.is_zero());
+    let started = tokio::time::Instant::now();
     if let Call::GetFnDocument(q) = &call {
         return Executed::Answer(read_archive(fleet, device, q.fd_number));
     }
@@ -465,6 +471,9 @@ async fn execute(fleet: &Fleet, device: &Device, call: Call) -> Executed {
         }
         // A new document or a new OFD endpoint: the sender has work or a new place to send it.
         device.wake_ofd();
+    }
+    if let Some(service) = service {
+        tokio::time::sleep_until(started + service).await;
     }
     if let Some(f) = &outcome.formed {
         debug!(kkt = %zn, fd = f.result.fd_number, doc = ?f.result.document_type, "document formed");

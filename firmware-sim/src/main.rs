@@ -33,7 +33,8 @@ enum Command {
         /// State directory: a restart on the same directory brings back the same registers.
         #[arg(long)]
         state: PathBuf,
-        /// Service time added to every request, in milliseconds.
+        /// Service time of every operation that forms a document (receipt, shift report), in
+        /// milliseconds; status queries answer at once.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
         /// OFD for registers that have none configured yet (registration sets its own).
