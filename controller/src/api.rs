@@ -12,7 +12,8 @@
 //! * Backpressure: when an INN's queue holds `max_queue` receipts, new ones are refused with 503
 //!   and `Retry-After` before anything is written, rather than accepted and left to rot.
 
-use crate::dispatcher::{waiting_of, Dispatcher};
+use crate::balancer::Waiting;
+use crate::dispatcher::Dispatcher;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{
     secret_hash, Created, NewReceipt, ReceiptRecord, ReceiptView, Session, Store, StoreError,
@@ -171,9 +172,12 @@ async fn create_token_inner(
         .map_err(|e| internal(&e))?;
     let Some(account) = account else {
         // Spend the same time as a real check, so timing does not reveal which logins exist.
-        let dummy = crate::store::PasswordHash::new("", crate::store::PASSWORD_ROUNDS);
+        // Off the async workers, like the real check: PBKDF2 takes tens of milliseconds.
         let password = creds.password.clone();
-        let _ = tokio::task::spawn_blocking(move || dummy.verify(&password)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::store::PasswordHash::new("", crate::store::PASSWORD_ROUNDS).verify(&password)
+        })
+        .await;
         return Err(wrong());
     };
     let hash = account.password.clone();
@@ -267,21 +271,24 @@ async fn create_receipt_inner(
             &existing.record.id,
         )));
     }
-    let depth = state.dispatcher.depth(&parsed.inn);
-    if depth >= state.config.max_queue {
-        state.metrics.rejected_overload();
-        return Err((
-            FermaError::new(
-                codes::OVERLOADED,
-                format!(
-                    "{depth} receipts of INN {} are waiting for a register, the limit is {}; retry after {} s with the same InvoiceId",
-                    parsed.inn, state.config.max_queue, state.config.retry_after_secs
+    let admission = match state.dispatcher.admit(&parsed.inn, state.config.max_queue) {
+        Ok(a) => a,
+        Err(depth) => {
+            state.metrics.rejected_overload();
+            return Err((
+                FermaError::new(
+                    codes::OVERLOADED,
+                    format!(
+                        "{depth} receipts of INN {} are waiting for a register, the limit is {}; retry after {} s with the same InvoiceId",
+                        parsed.inn, state.config.max_queue, state.config.retry_after_secs
+                    ),
                 ),
-            ),
-            Some(state.config.retry_after_secs),
-        ));
-    }
+                Some(state.config.retry_after_secs),
+            ));
+        }
+    };
     let id = uuid::Uuid::new_v4().to_string();
+    let taxation = parsed.receipt.taxation;
     let params = ReceiptParams {
         receipt: parsed.receipt,
         additional_attribute: None,
@@ -307,13 +314,16 @@ async fn create_receipt_inner(
         .await
         .map_err(|e| plain(internal(&e)))?;
     match created {
-        Created::New(_) => {
-            // Read back what was stored, so the queue entry is exactly the durable one.
-            if let Ok(Some(job)) = state.store.job(&id) {
-                if let Some((place, w)) = waiting_of(&job) {
-                    state.dispatcher.enqueue(place, w);
-                }
-            }
+        Created::New(place) => {
+            state.dispatcher.enqueue(
+                place,
+                Waiting {
+                    job: id.clone(),
+                    taxation,
+                    avoid: None,
+                },
+            );
+            drop(admission);
             state.metrics.accepted();
             Ok(id)
         }
@@ -391,13 +401,20 @@ async fn registry(
         let body = read_body(body).await?;
         let q = ferma::parse_list_request(&body)?;
         let views: Vec<ReceiptView> = if let Some(id) = &q.receipt_id {
-            state
+            // Like `status`: one receipt asked for by id is found or "not found" (1018), and
+            // another account's receipt answers exactly as an id that exists nowhere.
+            let view = state
                 .store
                 .receipt(id)
                 .map_err(|e| internal(&e))?
                 .filter(|v| v.record.account == session.account)
-                .into_iter()
-                .collect()
+                .ok_or_else(|| {
+                    FermaError::new(
+                        codes::NOT_FOUND,
+                        format!("no receipt with ReceiptId {id} in this account; check the id the create call returned"),
+                    )
+                })?;
+            vec![view]
         } else {
             let to_ms = |t: ferma::LocalSecs| {
                 u64::try_from(t - ferma::MOSCOW_OFFSET_SECS).unwrap_or(0) * 1000

@@ -21,6 +21,7 @@ use crate::store::{Store, StoreError};
 use crate::tunnel::{DispatchError, Tunnel, TunnelEvent};
 use crate::unix_ms;
 use protocol::kkt::{Call, Operator};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{broadcast, Notify};
@@ -41,6 +42,8 @@ pub struct Dispatcher {
 
 struct Inner {
     balancer: Mutex<Balancer>,
+    /// Receipts admitted per INN whose commit is not done yet (see [`Dispatcher::admit`]).
+    admitted: Mutex<HashMap<String, usize>>,
     wake: Notify,
     tunnel: Tunnel,
     store: Store,
@@ -80,6 +83,7 @@ impl Dispatcher {
         let d = Dispatcher {
             inner: Arc::new(Inner {
                 balancer: Mutex::new(balancer),
+                admitted: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 tunnel,
                 store,
@@ -107,6 +111,29 @@ impl Dispatcher {
         self.inner.wake.notify_one();
     }
 
+    /// Reserves a place in `inn`'s queue for a receipt about to be committed, or says how full
+    /// the queue is. The queue limit counts receipts waiting *and* receipts admitted but not yet
+    /// committed: checking the depth alone would let every request of one group commit through,
+    /// which is exactly the burst the limit exists for. Hold the admission until the receipt is
+    /// enqueued (or refused); dropping it releases the place.
+    pub fn admit(&self, inn: &str, max: usize) -> Result<Admission, usize> {
+        let depth = self.inner.lock().depth(inn);
+        let mut admitted = self
+            .inner
+            .admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let pending = admitted.entry(inn.to_owned()).or_default();
+        if depth + *pending >= max {
+            return Err(depth + *pending);
+        }
+        *pending += 1;
+        Ok(Admission {
+            inner: self.inner.clone(),
+            inn: inn.to_owned(),
+        })
+    }
+
     pub fn depth(&self, inn: &str) -> usize {
         self.inner.lock().depth(inn)
     }
@@ -126,6 +153,28 @@ impl Dispatcher {
     /// Stops the loop (in-flight commands finish on their own).
     pub fn stop(&self) {
         self.inner.stop.notify_one();
+    }
+}
+
+/// A receipt's reserved place in its INN's queue; see [`Dispatcher::admit`].
+pub struct Admission {
+    inner: Arc<Inner>,
+    inn: String,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut admitted = self
+            .inner
+            .admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = admitted.get_mut(&self.inn) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                admitted.remove(&self.inn);
+            }
+        }
     }
 }
 

@@ -9,8 +9,9 @@
 //!   commit run one after another inside the transaction, so two concurrent requests with one
 //!   `InvoiceId` make one receipt: the second sees the first and answers with its id.
 //! * CONFIRMED is written in the transaction that applies the OFD acknowledgement (or a register
-//!   status proving the document left), and the callback it owes in that same transaction; a
-//!   callback row is deleted only after the shop's server answered 2xx.
+//!   status proving the document left) — or, when that proof arrived before the receipt's result,
+//!   in the transaction that applies the result — and the callback it owes in that same
+//!   transaction; a callback row is deleted only after the shop's server answered 2xx.
 //! * Sessions (API tokens) are stored by the SHA-256 of the token; the token itself exists only in
 //!   the answer to the shop. Passwords are stored as PBKDF2-HMAC-SHA256 with a per-account salt.
 //!
@@ -409,15 +410,14 @@ impl Store {
         let now = session.created_at;
         self.transact(move |txn| {
             let mut t = txn.open_table(SESSIONS)?;
+            // A bounded look (keys are hashes, so the rows looked at are a random sample): a
+            // login costs the same however many sessions exist, and expired ones still go.
             let mut expired = Vec::new();
-            for row in t.iter()? {
+            for row in t.iter()?.take(64) {
                 let (k, v) = row?;
                 let s: Session = decode(v.value())?;
                 if s.expires_at <= now {
                     expired.push(k.value().to_vec());
-                }
-                if expired.len() >= 16 {
-                    break;
                 }
             }
             for k in expired {
