@@ -16,7 +16,8 @@ use crate::balancer::Waiting;
 use crate::dispatcher::Dispatcher;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{
-    secret_hash, Created, NewReceipt, ReceiptRecord, ReceiptView, Session, Store, StoreError,
+    secret_hash, Created, Ledger, NewReceipt, ReceiptRecord, ReceiptView, Session, Store,
+    StoreError,
 };
 use crate::tunnel::Tunnel;
 use crate::unix_ms;
@@ -65,8 +66,9 @@ impl Default for ApiConfig {
 
 /// What the handlers share.
 #[derive(Clone)]
-pub struct ApiState {
-    pub store: Store,
+pub struct ApiState<L = Store> {
+    /// The shop-facing store ([`Ledger`]); redb by default.
+    pub store: L,
     pub dispatcher: Dispatcher,
     pub tunnel: Tunnel,
     pub metrics: Arc<Metrics>,
@@ -74,16 +76,19 @@ pub struct ApiState {
 }
 
 /// The router. `state` is cheap to clone.
-pub fn app(state: ApiState) -> Router {
+pub fn app<L: Ledger>(state: ApiState<L>) -> Router {
     Router::new()
-        .route("/api/Authorization/CreateAuthToken", post(create_token))
-        .route("/api/kkt/cloud/receipt", post(create_receipt))
-        .route("/api/kkt/cloud/status", post(status))
-        .route("/api/kkt/cloud/list", post(list))
-        .route("/api/kkt/cloud/list2", post(list2))
-        .route("/v1/receipts/{id}", get(native_receipt))
-        .route("/v1/kkts", get(native_kkts))
-        .route("/metrics", get(metrics))
+        .route(
+            "/api/Authorization/CreateAuthToken",
+            post(create_token::<L>),
+        )
+        .route("/api/kkt/cloud/receipt", post(create_receipt::<L>))
+        .route("/api/kkt/cloud/status", post(status::<L>))
+        .route("/api/kkt/cloud/list", post(list::<L>))
+        .route("/api/kkt/cloud/list2", post(list2::<L>))
+        .route("/v1/receipts/{id}", get(native_receipt::<L>))
+        .route("/v1/kkts", get(native_kkts::<L>))
+        .route("/metrics", get(metrics::<L>))
         .route("/openapi.json", get(openapi))
         .with_state(state)
 }
@@ -123,7 +128,10 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes, FermaError> {
 }
 
 /// The account behind `?AuthToken=`.
-fn session(state: &ApiState, query: &HashMap<String, String>) -> Result<Session, FermaError> {
+fn session<L: Ledger>(
+    state: &ApiState<L>,
+    query: &HashMap<String, String>,
+) -> Result<Session, FermaError> {
     let token = query
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("AuthToken"))
@@ -147,15 +155,15 @@ fn session(state: &ApiState, query: &HashMap<String, String>) -> Result<Session,
 
 // ---- Ferma calls -----------------------------------------------------------------------------
 
-async fn create_token(State(state): State<ApiState>, body: Body) -> Response {
+async fn create_token<L: Ledger>(State(state): State<ApiState<L>>, body: Body) -> Response {
     match create_token_inner(&state, body).await {
         Ok(data) => ok(data),
         Err(e) => fail(e, None),
     }
 }
 
-async fn create_token_inner(
-    state: &ApiState,
+async fn create_token_inner<L: Ledger>(
+    state: &ApiState<L>,
     body: Body,
 ) -> Result<ferma::AuthTokenData, FermaError> {
     let body = read_body(body).await?;
@@ -212,8 +220,8 @@ async fn create_token_inner(
     ))
 }
 
-async fn create_receipt(
-    State(state): State<ApiState>,
+async fn create_receipt<L: Ledger>(
+    State(state): State<ApiState<L>>,
     Query(query): Query<HashMap<String, String>>,
     body: Body,
 ) -> Response {
@@ -223,8 +231,8 @@ async fn create_receipt(
     }
 }
 
-async fn create_receipt_inner(
-    state: &ApiState,
+async fn create_receipt_inner<L: Ledger>(
+    state: &ApiState<L>,
     query: &HashMap<String, String>,
     body: Body,
 ) -> Result<String, (FermaError, Option<u32>)> {
@@ -337,8 +345,8 @@ async fn create_receipt_inner(
     }
 }
 
-async fn status(
-    State(state): State<ApiState>,
+async fn status<L: Ledger>(
+    State(state): State<ApiState<L>>,
     Query(query): Query<HashMap<String, String>>,
     body: Body,
 ) -> Response {
@@ -373,8 +381,8 @@ async fn status(
 }
 
 /// Registry by server (acceptance) time.
-async fn list(
-    State(state): State<ApiState>,
+async fn list<L: Ledger>(
+    State(state): State<ApiState<L>>,
     Query(query): Query<HashMap<String, String>>,
     body: Body,
 ) -> Response {
@@ -382,16 +390,16 @@ async fn list(
 }
 
 /// Registry by receipt (fiscal document) time.
-async fn list2(
-    State(state): State<ApiState>,
+async fn list2<L: Ledger>(
+    State(state): State<ApiState<L>>,
     Query(query): Query<HashMap<String, String>>,
     body: Body,
 ) -> Response {
     registry(state, query, body, true).await
 }
 
-async fn registry(
-    state: ApiState,
+async fn registry<L: Ledger>(
+    state: ApiState<L>,
     query: HashMap<String, String>,
     body: Body,
     by_receipt_time: bool,
@@ -531,7 +539,10 @@ fn registry_item(view: &ReceiptView) -> ferma::RegistryItem {
 // ---- native API ------------------------------------------------------------------------------
 
 /// Native calls take the same session token as a bearer header.
-fn bearer_session(state: &ApiState, headers: &HeaderMap) -> Result<Session, NativeError> {
+fn bearer_session<L: Ledger>(
+    state: &ApiState<L>,
+    headers: &HeaderMap,
+) -> Result<Session, NativeError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -604,8 +615,8 @@ pub struct NativeHistory {
     pub kkt: Option<String>,
 }
 
-async fn native_receipt(
-    State(state): State<ApiState>,
+async fn native_receipt<L: Ledger>(
+    State(state): State<ApiState<L>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<NativeReceipt>, NativeError> {
@@ -732,8 +743,8 @@ fn pool_key(p: &crate::balancer::PoolState) -> &'static str {
     }
 }
 
-async fn native_kkts(
-    State(state): State<ApiState>,
+async fn native_kkts<L: Ledger>(
+    State(state): State<ApiState<L>>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<NativeKkt>>, NativeError> {
     let session = bearer_session(&state, &headers)?;
@@ -747,7 +758,7 @@ async fn native_kkts(
 
 // ---- operations ------------------------------------------------------------------------------
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+async fn metrics<L: Ledger>(State(state): State<ApiState<L>>) -> Response {
     let now = unix_ms();
     let regs = state.dispatcher.registers();
     let mut by_state: HashMap<&'static str, usize> = HashMap::new();
@@ -779,7 +790,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         registers,
         unsent,
         agents_online: state.tunnel.agents().len(),
-        callbacks_pending: state.store.callbacks().map(|c| c.len()).unwrap_or(0),
+        callbacks_pending: state.store.pending_callbacks().unwrap_or(0),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

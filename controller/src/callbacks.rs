@@ -13,7 +13,7 @@
 //!   with a warning (the status stays available through `status` for the life of the account).
 
 use crate::metrics::Metrics;
-use crate::store::{sign_callback, Callback, Store};
+use crate::store::{sign_callback, Callback, Ledger};
 use crate::unix_ms;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,8 +39,8 @@ pub fn backoff_ms(attempts: u32) -> u64 {
 }
 
 /// Starts the sender; `wake` is notified when new callbacks may be owed.
-pub fn start(
-    store: Store,
+pub fn start<L: Ledger>(
+    store: L,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
 ) -> tokio::task::JoinHandle<()> {
@@ -73,7 +73,13 @@ pub fn start(
     })
 }
 
-async fn send(client: &reqwest::Client, store: &Store, metrics: &Metrics, id: u64, cb: Callback) {
+async fn send<L: Ledger>(
+    client: &reqwest::Client,
+    store: &L,
+    metrics: &Metrics,
+    id: u64,
+    cb: Callback,
+) {
     let now = unix_ms();
     let body = match (store.receipt(&cb.receipt), store.account(&cb.account)) {
         (Ok(Some(view)), Ok(Some(account))) => {

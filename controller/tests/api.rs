@@ -1606,3 +1606,121 @@ async fn oversized_body_over_real_http_is_refused_cleanly() {
     assert_eq!(v["Status"], "Success", "{v}");
     assert_eq!(env.depth(INN_A), 1);
 }
+
+// ---- the store behind its trait ----------------------------------------------------------------
+
+/// The redb store with a disk that fails every receipt commit: the API must work against any
+/// [`Ledger`], and a failed commit must never be acknowledged.
+#[derive(Clone)]
+struct DiskFull(controller::store::Store);
+
+impl controller::store::Ledger for DiskFull {
+    fn account(&self, id: &str) -> Result<Option<Account>, controller::store::StoreError> {
+        self.0.account(id)
+    }
+    fn account_by_login(
+        &self,
+        login: &str,
+    ) -> Result<Option<Account>, controller::store::StoreError> {
+        self.0.account_by_login(login)
+    }
+    async fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        session: controller::store::Session,
+    ) -> Result<(), controller::store::StoreError> {
+        self.0.create_session(token_hash, session).await
+    }
+    fn session(
+        &self,
+        token_hash: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<Option<controller::store::Session>, controller::store::StoreError> {
+        self.0.session(token_hash, now_ms)
+    }
+    async fn create_receipt(
+        &self,
+        _receipt: controller::store::NewReceipt,
+        _now_ms: u64,
+    ) -> Result<controller::store::Created, controller::store::StoreError> {
+        Err(controller::store::StoreError::Commit(
+            "No space left on device".into(),
+        ))
+    }
+    fn receipt(
+        &self,
+        id: &str,
+    ) -> Result<Option<controller::store::ReceiptView>, controller::store::StoreError> {
+        self.0.receipt(id)
+    }
+    fn receipt_by_invoice(
+        &self,
+        account: &str,
+        invoice_id: &str,
+    ) -> Result<Option<controller::store::ReceiptView>, controller::store::StoreError> {
+        self.0.receipt_by_invoice(account, invoice_id)
+    }
+    fn receipts_between(
+        &self,
+        account: &str,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<controller::store::ReceiptView>, controller::store::StoreError> {
+        self.0.receipts_between(account, from_ms, to_ms, limit)
+    }
+    fn due_callbacks(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, controller::store::Callback)>, controller::store::StoreError> {
+        self.0.due_callbacks(now_ms, limit)
+    }
+    fn pending_callbacks(&self) -> Result<usize, controller::store::StoreError> {
+        Ok(self.0.callbacks()?.len())
+    }
+    async fn callback_delivered(&self, id: u64) -> Result<(), controller::store::StoreError> {
+        self.0.callback_delivered(id).await
+    }
+    async fn callback_failed(
+        &self,
+        id: u64,
+        next_at: u64,
+        error: String,
+    ) -> Result<(), controller::store::StoreError> {
+        self.0.callback_failed(id, next_at, error).await
+    }
+}
+
+#[tokio::test]
+async fn a_failed_commit_is_never_acknowledged_and_the_retry_is_safe() {
+    let env = Env::start().await;
+    let (_, token) = env.tenant("shop", &[INN_A]).await;
+    let failing = api::app(ApiState {
+        store: DiskFull(env.server.store().clone()),
+        dispatcher: env.server.dispatcher.clone(),
+        tunnel: env.server.tunnel.clone(),
+        metrics: env.server.metrics.clone(),
+        config: ApiConfig::default(),
+    });
+    let req = Request::post(format!("/api/kkt/cloud/receipt?AuthToken={token}"))
+        .body(Body::from(receipt(INN_A, "inv-disk").to_string()))
+        .unwrap();
+    let resp = failing.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body: Value = serde_json::from_slice(
+        &axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(body["Status"], "Failed");
+    assert_eq!(body["Error"]["Code"], 1500);
+    let message = body["Error"]["Message"].as_str().unwrap();
+    assert!(message.contains("No space left on device"), "{message}");
+    assert!(message.contains("same InvoiceId"), "{message}");
+    assert_eq!(env.depth(INN_A), 0, "nothing queued for a failed commit");
+    // The shop retries with the same InvoiceId once the disk is back: one receipt, no 1019.
+    env.create_ok(&token, &receipt(INN_A, "inv-disk")).await;
+    assert_eq!(env.depth(INN_A), 1);
+}

@@ -679,3 +679,115 @@ fn view(txn: &redb::ReadTransaction, id: &str) -> Result<Option<ReceiptView>, St
         confirmed_at,
     }))
 }
+
+/// The shop-facing store as the Ferma API and the callback sender use it: narrow on purpose,
+/// so that a second backend (PostgreSQL, for several controller nodes; DESIGN.md §8) has little
+/// to offer. Every method is one transaction and maps onto one SQL transaction; the `async` ones
+/// resolve only when their transaction is durable. [`Store`] (redb, group commit) is the default.
+pub trait Ledger: Clone + Send + Sync + 'static {
+    fn account(&self, id: &str) -> Result<Option<Account>, StoreError>;
+    fn account_by_login(&self, login: &str) -> Result<Option<Account>, StoreError>;
+    fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        session: Session,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    /// The live session for a token hash (None when unknown or expired).
+    fn session(&self, token_hash: &[u8; 32], now_ms: u64) -> Result<Option<Session>, StoreError>;
+    /// The receipt, its InvoiceId key, its job and its queue place, together; see the module doc.
+    fn create_receipt(
+        &self,
+        receipt: NewReceipt,
+        now_ms: u64,
+    ) -> impl std::future::Future<Output = Result<Created, StoreError>> + Send;
+    fn receipt(&self, id: &str) -> Result<Option<ReceiptView>, StoreError>;
+    fn receipt_by_invoice(
+        &self,
+        account: &str,
+        invoice_id: &str,
+    ) -> Result<Option<ReceiptView>, StoreError>;
+    fn receipts_between(
+        &self,
+        account: &str,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ReceiptView>, StoreError>;
+    fn due_callbacks(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Callback)>, StoreError>;
+    fn pending_callbacks(&self) -> Result<usize, StoreError>;
+    fn callback_delivered(
+        &self,
+        id: u64,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    fn callback_failed(
+        &self,
+        id: u64,
+        next_at: u64,
+        error: String,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+}
+
+impl Ledger for Store {
+    fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
+        Store::account(self, id)
+    }
+    fn account_by_login(&self, login: &str) -> Result<Option<Account>, StoreError> {
+        Store::account_by_login(self, login)
+    }
+    fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        session: Session,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send {
+        Store::create_session(self, token_hash, session)
+    }
+    fn session(&self, token_hash: &[u8; 32], now_ms: u64) -> Result<Option<Session>, StoreError> {
+        Store::session(self, token_hash, now_ms)
+    }
+    fn create_receipt(
+        &self,
+        receipt: NewReceipt,
+        now_ms: u64,
+    ) -> impl std::future::Future<Output = Result<Created, StoreError>> + Send {
+        Store::create_receipt(self, receipt, now_ms)
+    }
+    fn receipt(&self, id: &str) -> Result<Option<ReceiptView>, StoreError> {
+        Store::receipt(self, id)
+    }
+    fn receipt_by_invoice(
+        &self,
+        account: &str,
+        invoice_id: &str,
+    ) -> Result<Option<ReceiptView>, StoreError> {
+        Store::receipt_by_invoice(self, account, invoice_id)
+    }
+    fn receipts_between(
+        &self,
+        account: &str,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ReceiptView>, StoreError> {
+        Store::receipts_between(self, account, from_ms, to_ms, limit)
+    }
+    fn due_callbacks(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Callback)>, StoreError> {
+        Store::due_callbacks(self, now_ms, limit)
+    }
+    fn pending_callbacks(&self) -> Result<usize, StoreError> {
+        Ok(Store::callbacks(self)?.len())
+    }
+    fn callback_delivered(
+        &self,
+        id: u64,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send {
+        Store::callback_delivered(self, id)
+    }
+    fn callback_failed(
+        &self,
+        id: u64,
+        next_at: u64,
+        error: String,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send {
+        Store::callback_failed(self, id, next_at, error)
+    }
+}
