@@ -470,19 +470,26 @@ impl Agent {
 
     /// Reports a job's outcome: outbox entry durable first, then sent.
     pub async fn report(&self, job: &str, outcome: Result<protocol::kkt::FiscalResult, KktError>) {
-        let made = {
-            let mut j = self.journal();
-            let now = now_secs();
-            let r = match outcome {
-                Ok(result) => j.complete(job, result, now),
-                Err(error) => j.not_fiscalized(job, error, now),
-            };
-            r.map(|(entry, writes)| (entry.seq, self.store.enqueue(writes)))
-        };
-        if let Some((seq, pending)) = made {
+        if let Some((seq, pending)) = self.queue_report(job, outcome) {
             self.durable(pending).await;
             self.outbox_durable(seq);
         }
+    }
+
+    /// Journals a job's outcome as an outbox entry and queues its write; the entry's sequence
+    /// number and the write's completion. None when the job is not in a phase to report.
+    fn queue_report(
+        &self,
+        job: &str,
+        outcome: Result<protocol::kkt::FiscalResult, KktError>,
+    ) -> Option<(u64, Pending)> {
+        let mut j = self.journal();
+        let now = now_secs();
+        let r = match outcome {
+            Ok(result) => j.complete(job, result, now),
+            Err(error) => j.not_fiscalized(job, error, now),
+        };
+        r.map(|(entry, writes)| (entry.seq, self.store.enqueue(writes)))
     }
 
     /// Like [`Agent::report`], but returns as soon as the outbox entry is queued for its commit;
@@ -496,15 +503,7 @@ impl Agent {
         job: &str,
         outcome: Result<protocol::kkt::FiscalResult, KktError>,
     ) {
-        let made = {
-            let mut j = self.journal();
-            let now = now_secs();
-            let r = match outcome {
-                Ok(result) => j.complete(job, result, now),
-                Err(error) => j.not_fiscalized(job, error, now),
-            };
-            r.map(|(entry, writes)| (entry.seq, self.store.enqueue(writes)))
-        };
+        let made = self.queue_report(job, outcome);
         if let Some((seq, pending)) = made {
             let me = self.clone();
             tokio::spawn(async move {
