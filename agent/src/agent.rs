@@ -342,7 +342,11 @@ impl Agent {
     }
 
     /// A register pushed an event: journal it, then report it.
-    pub async fn on_kkt_event(&self, zn: &str, event: Event) {
+    /// A register event. Called inline by the loop that reads the register's link, so it must
+    /// not wait there: the entry is journaled (its sequence number fixed, in the order events
+    /// arrive) and its write queued here, and the rest — waiting for the commit, and for a status
+    /// change a status refresh whose answers that same loop must read — runs in a task.
+    pub fn on_kkt_event(self: &Arc<Self>, zn: &str, event: Event) {
         let refresh = matches!(event, Event::StatusChanged(_));
         let body = OutboxBody::Event {
             kkt: zn.to_owned(),
@@ -353,11 +357,14 @@ impl Agent {
             let (entry, writes) = j.event(body, now_secs());
             (entry.seq, self.store.enqueue(writes))
         };
-        self.durable(pending).await;
-        self.outbox_durable(seq);
-        if refresh {
-            self.refresh_status(zn).await;
-        }
+        let (me, zn) = (self.clone(), zn.to_owned());
+        tokio::spawn(async move {
+            me.durable(pending).await;
+            me.outbox_durable(seq);
+            if refresh {
+                me.refresh_status(&zn).await;
+            }
+        });
     }
 
     fn outbox_durable(&self, seq: u64) {

@@ -242,7 +242,7 @@ pub async fn drive(
                             warn!(kkt = %zn, id = r.id, "answer to no outstanding request");
                         }
                     }
-                    Ok(KktMessage::Event(ev)) => agent.on_kkt_event(&zn, ev).await,
+                    Ok(KktMessage::Event(ev)) => agent.on_kkt_event(&zn, ev),
                     Ok(KktMessage::Hello(_)) => warn!(kkt = %zn, "second hello ignored"),
                     Ok(KktMessage::Request(_)) => warn!(kkt = %zn, "a register does not send requests"),
                     Err(e) => warn!(kkt = %zn, error = %e, "malformed message from the register"),
