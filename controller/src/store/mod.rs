@@ -1039,6 +1039,24 @@ fn own_kkt(
     }
 }
 
+/// The last FD of `fn_number` that register record `rec` has proved delivered to the OFD: by its
+/// last OFD acknowledgement or its last status (delivery is in FD order, so either covers every
+/// earlier document).
+fn delivered_on(rec: &KktRecord, fn_number: &str) -> Option<u32> {
+    let by_ack = rec
+        .last_ofd_ack
+        .as_ref()
+        .filter(|a| a.fn_number == fn_number)
+        .map(|a| a.fd_number);
+    let by_status = rec
+        .state
+        .as_ref()
+        .and_then(ledger::delivered_upto)
+        .filter(|(f, _)| f == fn_number)
+        .map(|(_, upto)| upto);
+    by_ack.max(by_status)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn apply_outbox_body(
     txn: &WriteTransaction,
@@ -1091,6 +1109,22 @@ fn apply_outbox_body(
                 Decision::Apply(next) => {
                     jt.put(&current, &next)?;
                     ledger::on_completed(txn, &job, &result)?;
+                    // The register may have proved this document delivered before its result
+                    // got here: the OFD's acknowledgement overtakes the result on the way up
+                    // (the agent journals the register's event and the executor's result
+                    // concurrently), and after a recovery the result comes long after. An
+                    // acknowledgement is cumulative and none may follow (the register's last
+                    // document), so confirm it now, or it stays PROCESSED until a status probe.
+                    let proven = kkts
+                        .get(kkt.as_str())?
+                        .map(|v| decode::<KktRecord>(v.value()))
+                        .transpose()?
+                        .and_then(|rec| delivered_on(&rec, &result.fn_number))
+                        .filter(|upto| *upto >= result.fd_number);
+                    let confirmed = match proven {
+                        Some(upto) => ledger::on_delivered(txn, &result.fn_number, upto, now_ms)?,
+                        None => Vec::new(),
+                    };
                     info!(
                         agent,
                         job,
@@ -1109,6 +1143,9 @@ fn apply_outbox_body(
                             .holder()
                             .map(|(a, k, _)| (a.to_owned(), k.to_owned())),
                     });
+                    if !confirmed.is_empty() {
+                        out.effects.push(Effect::ReceiptsConfirmed(confirmed));
+                    }
                 }
                 Decision::Duplicate => {}
                 Decision::Anomaly { existing, incoming } => {
@@ -1309,6 +1346,130 @@ mod tests {
         assert_eq!(decode::<u32>(&bytes).unwrap(), 7);
         assert!(decode::<u32>(&[9, 7]).is_err());
         assert!(decode::<u32>(&[]).is_err());
+    }
+
+    /// The OFD's acknowledgement of a register's last document can reach the controller before
+    /// the job's result (the agent journals the register's event and the executor's result
+    /// concurrently). The receipt must still become CONFIRMED when its result is applied: no
+    /// later acknowledgement may ever come.
+    #[tokio::test]
+    async fn an_acknowledgement_that_overtook_the_result_confirms_it() {
+        use protocol::document::DocumentType;
+        use protocol::kkt::{FfdVersion, Hello};
+        use protocol::tunnel::{OutboxEntry, Work};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.redb")).unwrap();
+        let agent = AgentRecord {
+            id: "a".into(),
+            name: "shelf".into(),
+            enrolled_at: now(),
+            cert_fingerprint: [1; 32],
+            cert_not_after: 0,
+            revoked: false,
+            store_epoch: None,
+            applied_upto: 0,
+            last_seen: now(),
+        };
+        let hash = [7u8; 32];
+        store
+            .create_token(
+                hash,
+                TokenRecord {
+                    created_at: 0,
+                    expires_at: 10_000,
+                    used: None,
+                },
+            )
+            .await
+            .unwrap();
+        store.enroll(hash, agent, now()).await.unwrap().unwrap();
+        let work = Work::Receipt(firmware_sim::fixtures::receipt(1, None));
+        let record = ReceiptRecord {
+            id: "r1".into(),
+            account: "acc".into(),
+            inn: "3245001416".into(),
+            invoice_id: "inv-1".into(),
+            callback_url: None,
+            request_json: "{}".into(),
+            created_at: now(),
+        };
+        store
+            .create_receipt(
+                NewReceipt {
+                    record,
+                    work: work.clone(),
+                },
+                now(),
+            )
+            .await
+            .unwrap();
+        store
+            .assign("r1", work, "a", "K1", now())
+            .await
+            .unwrap()
+            .unwrap();
+        let attached = Report::Attached(Attached {
+            hello: Hello {
+                version: protocol::kkt::LINK_VERSION,
+                model: "m".into(),
+                zn: "K1".into(),
+                fn_number: "F1".into(),
+                firmware: "f".into(),
+                ffd_version: FfdVersion::V1_2,
+            },
+            transport: "ws".into(),
+        });
+        let ack = Report::Outbox(OutboxEntry {
+            seq: 1,
+            body: OutboxBody::Event {
+                kkt: "K1".into(),
+                event: Event::OfdAck(OfdAckEvent {
+                    fn_number: "F1".into(),
+                    fd_number: 5,
+                    acked_at: 1,
+                    unsent_count: 0,
+                }),
+            },
+        });
+        let result = FiscalResult {
+            document_type: DocumentType::Receipt,
+            fd_number: 5,
+            fpd: 42,
+            shift_number: 1,
+            receipt_number: Some(1),
+            fn_number: "F1".into(),
+            rnm: "R".into(),
+            zn: "K1".into(),
+            date_time: 1,
+            total: None,
+            additional_attribute: Some("r1".into()),
+        };
+        let completed = Report::Outbox(OutboxEntry {
+            seq: 2,
+            body: OutboxBody::Completed {
+                job: "r1".into(),
+                attempt: 1,
+                kkt: "K1".into(),
+                result,
+            },
+        });
+        let applied = store
+            .apply_reports("a", vec![attached, ack], now())
+            .await
+            .unwrap();
+        assert!(!applied
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::ReceiptsConfirmed(_))));
+        let applied = store
+            .apply_reports("a", vec![completed], now())
+            .await
+            .unwrap();
+        assert!(applied
+            .effects
+            .contains(&Effect::ReceiptsConfirmed(vec!["r1".into()])));
+        let view = store.receipt("r1").unwrap().unwrap();
+        assert_eq!(view.status(), ReceiptStatus::Confirmed);
     }
 
     #[tokio::test]
