@@ -42,8 +42,8 @@ pub struct BalancerConfig {
     pub fn_min_documents_left: u32,
     /// Leave the pool when the FN's validity ends within this many seconds.
     pub fn_min_valid_secs: i64,
-    /// After a shift command succeeded, wait this long for the register's fresh status before
-    /// deciding again from the old one.
+    /// After a shift command, wait at most this long for a status that shows its effect before
+    /// deciding again from the old one (the register is probed meanwhile).
     pub settle_ms: u64,
     /// Ask each register for its status at least this often (it moves the register clock we
     /// compute shift limits from, and brings back registers whose fault was fixed).
@@ -168,12 +168,46 @@ struct Register {
     clock_offset_ms: i64,
     held: usize,
     busy: Option<CommandKind>,
+    /// After a shift command: the shift state its fresh status must show, and until when we
+    /// wait for that status before deciding from what we have.
+    expect: Option<ShiftState>,
     settle_until: u64,
     backoff_until: u64,
     fault: Option<String>,
     rotating: Option<Rotation>,
     reopen: bool,
     last_probe: u64,
+}
+
+impl Register {
+    fn expect_shift(&mut self, shift: ShiftState, until: u64, probe_now: bool) {
+        if self.state.as_ref().is_some_and(|s| shift_is(s, shift)) {
+            self.expect = None;
+            self.settle_until = 0;
+            return;
+        }
+        self.expect = Some(shift);
+        self.settle_until = until;
+        if probe_now {
+            self.last_probe = 0;
+        }
+    }
+}
+
+/// Whether a command's outcome means the shift is now as it wanted: done, or refused with
+/// `already` (the shift was in that state before).
+fn closed_or(result: Result<(), &KktError>, already: ErrorCode) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(e) => e.code == already,
+    }
+}
+
+/// Whether a status shows the shift in `want`. Both readings must agree: the agent reads the
+/// device status and the shift status with separate calls, so a command between them yields a
+/// torn status, which proves nothing either way.
+fn shift_is(s: &KktState, want: ShiftState) -> bool {
+    s.device.shift == want && s.shift.state == want
 }
 
 /// A register as operators see it.
@@ -272,6 +306,7 @@ impl Balancer {
                 clock_offset_ms: 0,
                 held,
                 busy: None,
+                expect: None,
                 settle_until: 0,
                 backoff_until: 0,
                 fault: None,
@@ -291,8 +326,13 @@ impl Balancer {
     pub fn status(&mut self, zn: &str, state: KktState, now_ms: u64) {
         if let Some(r) = self.registers.get_mut(zn) {
             r.clock_offset_ms = i64::from(state.device.date_time) * 1000 - now_ms as i64;
+            // Only a status that shows what the last shift command did ends the wait for it: a
+            // status read before the command took effect (or torn, see `shift_is`) does not.
+            if r.expect.is_some_and(|e| shift_is(&state, e)) {
+                r.expect = None;
+                r.settle_until = 0;
+            }
             r.state = Some(state);
-            r.settle_until = 0;
             r.fault = None;
         }
     }
@@ -378,31 +418,25 @@ impl Balancer {
         if r.busy == Some(kind) {
             r.busy = None;
         }
+        let settle = now_ms + self.config.settle_ms;
         match (kind, outcome) {
-            (CommandKind::CloseShift, Ok(())) => {
+            // Done, or already so (the status we decided from was stale): wait for a status
+            // that shows it, asking for one at once when ours was stale.
+            (CommandKind::CloseShift, result) if closed_or(result, ErrorCode::SHIFT_CLOSED) => {
                 r.rotating = None;
                 r.reopen = true;
-                r.settle_until = now_ms + self.config.settle_ms;
+                r.expect_shift(ShiftState::Closed, settle, result.is_err());
             }
-            (CommandKind::OpenShift, Ok(())) => {
+            (CommandKind::OpenShift, result) if closed_or(result, ErrorCode::SHIFT_OPEN) => {
                 r.reopen = false;
-                r.settle_until = now_ms + self.config.settle_ms;
+                r.expect_shift(ShiftState::Opened, settle, result.is_err());
             }
             (CommandKind::Probe, Ok(())) => {}
-            // Already in the state we wanted: the status we hold is stale.
-            (CommandKind::OpenShift, Err(e)) if e.code == ErrorCode::SHIFT_OPEN => {
-                r.reopen = false;
-                r.settle_until = now_ms + self.config.settle_ms;
-            }
-            (CommandKind::CloseShift, Err(e)) if e.code == ErrorCode::SHIFT_CLOSED => {
-                r.rotating = None;
-                r.reopen = true;
-                r.settle_until = now_ms + self.config.settle_ms;
-            }
             (_, Err(e)) => {
                 r.fault = Some(format!("{kind:?} failed: {e}"));
                 r.backoff_until = now_ms + self.config.command_backoff_ms;
             }
+            (_, Ok(())) => {}
         }
     }
 
@@ -461,17 +495,26 @@ impl Balancer {
         if r.busy.is_some() || now_ms < r.backoff_until {
             return None;
         }
-        let probe_every = if r.fault.is_some() || r.state.is_none() {
+        let torn = r
+            .state
+            .as_ref()
+            .is_some_and(|s| s.device.shift != s.shift.state);
+        let waiting = r.expect.is_some() && now_ms < r.settle_until;
+        if !waiting {
+            r.expect = None;
+        }
+        // Registers we know little about right now are asked more often.
+        let probe_every = if r.fault.is_some() || r.state.is_none() || waiting || torn {
             cfg.probe_faulty_every_ms
         } else {
             cfg.probe_every_ms
         };
-        if now_ms.saturating_sub(r.last_probe) >= probe_every && now_ms >= r.settle_until {
+        if now_ms.saturating_sub(r.last_probe) >= probe_every {
             r.last_probe = now_ms;
             r.busy = Some(CommandKind::Probe);
             return Some(Action::Probe { kkt: zn.to_owned() });
         }
-        if now_ms < r.settle_until {
+        if waiting || torn {
             return None;
         }
         let state = r.state.as_ref()?;
@@ -691,10 +734,10 @@ fn pool_state(r: &Register, cfg: &BalancerConfig, now_ms: u64) -> PoolState {
             return PoolState::Busy(kind);
         }
     }
-    if now_ms < r.settle_until {
+    if r.expect.is_some() && now_ms < r.settle_until {
         return PoolState::Busy(CommandKind::Probe);
     }
-    if s.device.shift != ShiftState::Opened {
+    if !shift_is(s, ShiftState::Opened) {
         return PoolState::ShiftClosed;
     }
     if r.rotating.is_some() || rotation_due(s, cfg, reg_now(r, now_ms)).is_some() {
@@ -864,6 +907,7 @@ mod tests {
         cover.device.cover_open = true;
         let mut closed = state("e", INN);
         closed.device.shift = ShiftState::Closed;
+        closed.shift.state = ShiftState::Closed;
         let mut warned = state("f", INN);
         warned.fn_info.warnings.need_replacement = true;
         let mut full = state("g", INN);
@@ -1111,6 +1155,7 @@ mod tests {
     fn an_expired_shift_or_a_shift_error_is_closed_and_reopened() {
         let mut s = state("a", INN);
         s.device.shift = ShiftState::Expired;
+        s.shift.state = ShiftState::Expired;
         let mut b = with(&[("a", s)]);
         assert_eq!(
             b.poll(NOW),
@@ -1159,6 +1204,7 @@ mod tests {
     fn a_closed_shift_is_opened_only_when_its_inn_has_work() {
         let mut s = state("a", INN);
         s.device.shift = ShiftState::Closed;
+        s.shift.state = ShiftState::Closed;
         let mut b = with(&[("a", s)]);
         assert!(b.poll(NOW).is_empty());
         let mut other = place(1);
@@ -1167,18 +1213,63 @@ mod tests {
         assert!(b.poll(NOW).is_empty(), "work of another INN");
         b.enqueue(place(2), job("r1"));
         assert_eq!(b.poll(NOW), vec![Action::OpenShift { kkt: "a".into() }]);
-        // A refusal because it is already open only means our status was stale.
+        // A refusal because it is already open only means our status was stale: ask for a
+        // fresh one at once, and take receipts as soon as it shows the shift open.
         b.command_done(
             "a",
             CommandKind::OpenShift,
             Err(&KktError::new(ErrorCode::SHIFT_OPEN, "open")),
             NOW,
         );
-        assert!(b.poll(NOW).is_empty());
         assert_eq!(
             b.registers(NOW)[0].pool,
             PoolState::Busy(CommandKind::Probe),
             "settling until a fresh status"
+        );
+        assert_eq!(b.poll(NOW), vec![Action::Probe { kkt: "a".into() }]);
+        b.command_done("a", CommandKind::Probe, Ok(()), NOW + 1);
+        b.status("a", state("a", INN), NOW + 2);
+        assert_eq!(
+            dispatches(&b.poll(NOW + 2)),
+            vec![("r1".into(), "a".into())]
+        );
+    }
+
+    /// A status whose two shift readings disagree (the agent reads them with separate calls; a
+    /// command ran between them) is neither open nor closed: no command, no receipts, a probe.
+    #[test]
+    fn a_torn_status_is_probed_not_acted_on() {
+        let mut torn = state("a", INN);
+        torn.device.shift = ShiftState::Closed;
+        let mut b = with(&[("a", torn)]);
+        b.config.probe_faulty_every_ms = 100;
+        b.enqueue(place(1), job("r1"));
+        assert!(b.poll(NOW).is_empty());
+        assert_eq!(b.registers(NOW)[0].pool, PoolState::ShiftClosed);
+        assert_eq!(b.poll(NOW + 100), vec![Action::Probe { kkt: "a".into() }]);
+        b.command_done("a", CommandKind::Probe, Ok(()), NOW + 101);
+        b.status("a", state("a", INN), NOW + 102);
+        assert_eq!(
+            dispatches(&b.poll(NOW + 102)),
+            vec![("r1".into(), "a".into())]
+        );
+    }
+
+    /// The fresh status can reach the controller before the command's own answer; it must not
+    /// be ignored (the register would sit out the whole settle time).
+    #[test]
+    fn a_status_ahead_of_the_command_answer_counts() {
+        let mut s = state("a", INN);
+        s.device.shift = ShiftState::Closed;
+        s.shift.state = ShiftState::Closed;
+        let mut b = with(&[("a", s)]);
+        b.enqueue(place(1), job("r1"));
+        assert_eq!(b.poll(NOW), vec![Action::OpenShift { kkt: "a".into() }]);
+        b.status("a", state("a", INN), NOW + 5);
+        b.command_done("a", CommandKind::OpenShift, Ok(()), NOW + 6);
+        assert_eq!(
+            dispatches(&b.poll(NOW + 10)),
+            vec![("r1".into(), "a".into())]
         );
     }
 

@@ -361,10 +361,6 @@ async fn shift_rotates_before_24h_with_a_moved_clock() {
         balancer: BalancerConfig {
             // See the moved clock soon after it moved.
             probe_every_ms: 200,
-            // The register's fresh status normally ends the settle wait after a shift command;
-            // when it is applied before the command's own completion, the balancer waits the
-            // whole settle time (reported to the balancer's owner). Keep that wait short here.
-            settle_ms: 1_000,
             ..BalancerConfig::default()
         },
         ..StackOptions::default()
