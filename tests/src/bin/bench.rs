@@ -25,6 +25,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use system_tests::stack::{Stack, StackOptions};
 use system_tests::{memory_kib, sibling_binary};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
@@ -61,6 +62,18 @@ enum Scenario {
         clients: usize,
         #[arg(long, default_value_t = 60_000)]
         receipts: usize,
+    },
+    /// End-to-end fiscalized receipts per second through the whole system.
+    Balance {
+        #[arg(long, default_value_t = 200)]
+        registers: usize,
+        /// Service time of every simulated register.
+        #[arg(long, default_value_t = 200)]
+        service_ms: u64,
+        #[arg(long, default_value_t = 30_000)]
+        receipts: usize,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
     },
     /// Documents acknowledged per second by the simulated OFD.
     Ofd {
@@ -109,6 +122,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => sim_footprint(registers, receipts).await,
         Scenario::Ofd { fns, docs_per_fn } => ofd(fns, docs_per_fn).await,
         Scenario::Ingest { clients, receipts } => ingest(clients, receipts).await,
+        Scenario::Balance {
+            registers,
+            service_ms,
+            receipts,
+            clients,
+        } => balance(registers, service_ms, receipts, clients).await,
         Scenario::Edge {
             registers,
             rtt_jobs,
@@ -633,36 +652,6 @@ fn ferma_receipt(invoice: &str) -> String {
     )
 }
 
-/// An account for the demo INN and a Ferma token for it, on an in-process controller.
-async fn ferma_login(server: &controller::server::Server) -> anyhow::Result<String> {
-    use controller::store::{Account, PasswordHash};
-    let account = Account {
-        id: "acc-bench".into(),
-        login: "bench".into(),
-        password: PasswordHash::new("bench", 1000),
-        inns: vec![fixtures::DEMO_INN.into()],
-        callback_secret: "s".into(),
-        created_at: controller::unix_ms(),
-    };
-    if let Err(e) = server.store().create_account(account).await? {
-        bail!("{e}");
-    }
-    let answer: serde_json::Value = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/Authorization/CreateAuthToken",
-            server.http_addr
-        ))
-        .body(r#"{"Login":"bench","Password":"bench"}"#)
-        .send()
-        .await?
-        .json()
-        .await?;
-    answer["Data"]["AuthToken"]
-        .as_str()
-        .map(str::to_owned)
-        .with_context(|| format!("login failed: {answer}"))
-}
-
 /// Posts `receipts` receipts from `clients` concurrent clients; returns each acknowledgement's
 /// latency and the ids, and fails on any refusal.
 async fn post_receipts(
@@ -716,18 +705,20 @@ async fn post_receipts(
 }
 
 async fn ingest(clients: usize, receipts: usize) -> anyhow::Result<()> {
-    controller::install_crypto_provider();
-    let data = tempfile::tempdir()?;
-    let raw = redb_single_commit_rate(data.path(), 500)?;
-    let mut config = controller::server::ServerConfig::new(
-        data.path().join("controller"),
-        ([127, 0, 0, 1], 0).into(),
-        ([127, 0, 0, 1], 0).into(),
-    );
-    config.api.max_queue = receipts + clients * 4 + 1;
-    let server = controller::server::Server::start(config).await?;
-    let token = ferma_login(&server).await?;
-    let base = format!("http://{}", server.http_addr);
+    let stack = Stack::start(StackOptions {
+        registers: 0,
+        api: controller::api::ApiConfig {
+            max_queue: receipts + clients * 4 + 1,
+            ..Default::default()
+        },
+        ..StackOptions::default()
+    })
+    .await?;
+    // The raw rate on the same disk (the stack's data directory), before the load.
+    let raw = redb_single_commit_rate(stack.dir.path(), 500)?;
+    let server = &stack.server;
+    let token = stack.shop().await?.token;
+    let base = stack.base_url();
     // Warm the connections and the allocator; not counted.
     post_receipts(&base, &token, clients, clients * 4, "warm").await?;
     let started = Instant::now();
@@ -776,6 +767,142 @@ async fn ingest(clients: usize, receipts: usize) -> anyhow::Result<()> {
         ids.len() as f64,
         "receipts",
     );
-    server.shutdown().await;
+    Ok(())
+}
+
+async fn balance(
+    registers: usize,
+    service_ms: u64,
+    receipts: usize,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let s = Stack::start(StackOptions {
+        registers,
+        latency_ms: service_ms,
+        api: controller::api::ApiConfig {
+            max_queue: receipts + 1,
+            ..Default::default()
+        },
+        ..StackOptions::default()
+    })
+    .await?;
+    let token = s.shop().await?.token;
+    let base = s.base_url();
+    let mut events = s.server.tunnel.subscribe();
+    let capacity = registers as f64 * 1000.0 / service_ms as f64;
+    let posted = tokio::spawn({
+        let (base, token) = (base.clone(), token.clone());
+        async move { post_receipts(&base, &token, clients, receipts, "bal").await }
+    });
+    let mut done: Vec<Instant> = Vec::with_capacity(receipts);
+    let mut confirmed = 0usize;
+    let deadline =
+        Instant::now() + Duration::from_secs(30 + (receipts as f64 / capacity * 3.0) as u64);
+    while done.len() < receipts || confirmed < receipts {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.recv()).await {
+            Ok(Ok(controller::tunnel::TunnelEvent::JobCompleted { .. })) => {
+                done.push(Instant::now())
+            }
+            Ok(Ok(controller::tunnel::TunnelEvent::ReceiptsConfirmed { jobs })) => {
+                confirmed += jobs.len()
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
+                bail!("the bench lagged {n} events behind; results would be wrong")
+            }
+            Ok(Err(e)) => bail!("{e}"),
+            Err(_) => bail!(
+                "timed out: {} of {receipts} fiscalized, {confirmed} confirmed",
+                done.len()
+            ),
+        }
+    }
+    let (_, ids) = posted.await??;
+    // Throughput over the middle 80 % (start-up and tail excluded).
+    let lo = receipts / 10;
+    let hi = receipts - receipts / 10;
+    let window = done[hi - 1].duration_since(done[lo]).as_secs_f64();
+    let rate = (hi - lo - 1) as f64 / window;
+    let whole = done[receipts - 1].duration_since(done[0]).as_secs_f64();
+    // Added latency, per receipt: from the moment its register could start it (its dispatch
+    // was recorded and the register's previous receipt was back) to its result being applied,
+    // minus the register's service time. Queueing in the controller is not counted: that is
+    // the load, not the system's overhead.
+    let mut per_kkt: std::collections::HashMap<String, Vec<(u64, u64)>> =
+        std::collections::HashMap::new();
+    for id in &ids {
+        let job = s.server.store().job(id)?.context("job missing")?;
+        let assigned = job
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.state == "assigned")
+            .map(|h| h.at);
+        if let (Some(a), controller::rules::JobState::Completed { kkt, .. }) =
+            (assigned, &job.state)
+        {
+            per_kkt
+                .entry(kkt.clone())
+                .or_default()
+                .push((a, job.updated_at));
+        }
+    }
+    let on: std::collections::HashMap<String, usize> =
+        per_kkt.iter().map(|(k, v)| (k.clone(), v.len())).collect();
+    let mut added: Vec<Duration> = Vec::with_capacity(ids.len());
+    for jobs in per_kkt.values_mut() {
+        jobs.sort_by_key(|&(_, done)| done);
+        let mut free_at = 0u64;
+        for &(assigned, done) in jobs.iter() {
+            let start = assigned.max(free_at);
+            added.push(Duration::from_millis(
+                done.saturating_sub(start).saturating_sub(service_ms),
+            ));
+            free_at = done;
+        }
+    }
+    added.sort();
+    let used = on.len();
+    let (min_on, max_on) = (
+        on.values().copied().min().unwrap_or(0),
+        on.values().copied().max().unwrap_or(0),
+    );
+    header();
+    row(
+        &format!("fiscalized receipts/s, {registers} regs x {service_ms} ms"),
+        rate,
+        "receipts/s",
+        &format!("{capacity:.0} (N/T)"),
+        rate / capacity,
+    );
+    info(
+        "same, first to last receipt",
+        (receipts - 1) as f64 / whole,
+        "receipts/s",
+    );
+    info(
+        "added latency p50 (register free→result − T)",
+        percentile(&added, 0.5).as_secs_f64() * 1000.0,
+        "ms",
+    );
+    info(
+        "added latency p99",
+        percentile(&added, 0.99).as_secs_f64() * 1000.0,
+        "ms",
+    );
+    info("registers used", used as f64, "registers");
+    info("receipts per register min", min_on as f64, "receipts");
+    info("receipts per register max", max_on as f64, "receipts");
+    info(
+        "receipts confirmed by the OFD",
+        confirmed as f64,
+        "receipts",
+    );
+    info(
+        "OFD documents stored",
+        s.ofd.stats().accepted as f64,
+        "documents",
+    );
     Ok(())
 }
