@@ -501,10 +501,11 @@ impl Agent {
 
     /// Like [`Agent::report`], but returns as soon as the outbox entry is queued for its commit;
     /// a task marks it sendable once durable. The executor uses it so that a register's next
-    /// receipt does not wait for this commit. Safe because the store commits writes in the order
-    /// they were queued: the next job's `Executing` write, queued after this entry, cannot become
-    /// durable before it, and the entry is not sent before it is durable. Were the agent to die
-    /// first, the job is still `Executing` on disk and recovery finds its document in the archive.
+    /// receipt does not wait for this commit. The entry is never sent before it is durable; if
+    /// the agent dies first, the job is still `Executing` on disk and recovery finds its document
+    /// in the archive by the job id. (The next job may already be `Executing` on disk before this
+    /// entry is: its `fd_before` is this job's, so its recovery reads this document too, sees
+    /// another job id, and keeps looking.)
     pub fn report_queued(
         self: &Arc<Self>,
         job: &str,

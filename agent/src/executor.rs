@@ -71,12 +71,17 @@ pub async fn run(agent: Arc<Agent>, zn: String, generation: u64, wake: Arc<Notif
 /// and anything formed since (the previous receipt, a shift command) moves the real number past
 /// it. Recovery reads every document after `fd_before` looking for the job's id, so a low value
 /// only makes it read more. The one stale case that is not low, a replaced FN, makes recovery
-/// stop and leave the job in doubt rather than guess.
+/// stop and leave the job in doubt rather than guess; so `known` is used only for
+/// [`KNOWN_FOR`] after the answer it came from — replacing an FN takes a closed shift, a closed
+/// archive and a new registration, far more than that.
 #[derive(Default)]
 struct Pipeline {
-    known: Option<(String, u32)>,
+    known: Option<(String, u32, tokio::time::Instant)>,
     prepared: Option<String>,
 }
+
+/// How long the FN position of a register's last answer stands in for asking the FN.
+const KNOWN_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One attachment of one register: every call the executor makes goes through it.
 struct Link<'a> {
@@ -100,9 +105,11 @@ impl Link<'_> {
     }
 }
 
+/// The register answered a query with something else: a link fault, not the receipt's (the
+/// controller blames `INVALID_PARAMETER` on the receipt itself).
 fn unexpected(what: &str, reply: &Reply) -> CallError {
     CallError::Kkt(KktError::new(
-        ErrorCode::INVALID_PARAMETER,
+        ErrorCode::NO_CONNECTION,
         format!("{what} answered {reply:?}"),
     ))
 }
@@ -133,8 +140,8 @@ async fn step(link: &Link<'_>, job: JournalJob, state: &mut Pipeline) -> Result<
 async fn execute(link: &Link<'_>, job: &JournalJob, state: &mut Pipeline) -> Result<(), CallError> {
     let agent = link.agent;
     let position = match state.known.take() {
-        Some(p) => Ok(p),
-        None => link.fn_position().await,
+        Some((fn_number, fd, at)) if at.elapsed() < KNOWN_FOR => Ok((fn_number, fd)),
+        _ => link.fn_position().await,
     };
     let (fn_number, fd_before) = match position {
         Ok(p) => p,
@@ -218,7 +225,11 @@ async fn send(
         Ok(Reply::Fiscal(result)) => {
             crash_point("before-report");
             if result.fn_number == fn_number {
-                state.known = Some((result.fn_number.clone(), result.fd_number));
+                state.known = Some((
+                    result.fn_number.clone(),
+                    result.fd_number,
+                    tokio::time::Instant::now(),
+                ));
             }
             agent.report_queued(&job.job, Ok(result));
             Ok(())

@@ -3,8 +3,9 @@
 //! # Invariants (what is durable when)
 //! 1. A dispatch is answered `Accepted` only after its journal entry is durable. From then on the
 //!    job is the agent's; the controller will not give it to anyone else.
-//! 2. `Executing{fd_before}` — the FN's last document number before the receipt — is durable before
-//!    the receipt is sent to the register. After any crash, the agent compares the FN's last number
+//! 2. `Executing{fd_before}` — a lower bound of the FN's last document number before the receipt
+//!    (never above it; the executor may take it from the previous answer) — is durable before the
+//!    receipt is sent to the register. After any crash, the agent compares the FN's last number
 //!    with `fd_before`: if it moved, the archive is searched for the document carrying the job id
 //!    (tag 1192) and that is the result; if the job's document is not there, it was not fiscalized
 //!    and the job runs again. A job is never sent to a register twice without that proof.

@@ -73,6 +73,10 @@ pub struct ApiState<L = Store> {
     pub tunnel: Tunnel,
     pub metrics: Arc<Metrics>,
     pub config: ApiConfig,
+    /// SHA-256 of the credential `/metrics` asks for (the admin secret): the metrics name every
+    /// organisation's INN and every register, which no shop may see. None serves them to anyone
+    /// who can reach the port.
+    pub operator: Option<[u8; 32]>,
 }
 
 /// The router. `state` is cheap to clone.
@@ -316,22 +320,35 @@ async fn create_receipt_inner<L: Ledger>(
         request_json: parsed.request.to_string(),
         created_at: now,
     };
-    let created = state
-        .store
-        .create_receipt(NewReceipt { record, work }, now)
-        .await
-        .map_err(|e| plain(internal(&e)))?;
-    match created {
-        Created::New(place) => {
-            state.dispatcher.enqueue(
-                place,
+    // The commit and the enqueue run in a task of their own: if the shop's client gives up
+    // (and the request is dropped) once the write is handed over, the receipt still reaches the
+    // queue — its commit may succeed, and the shop's retry is then told 1019 with this id.
+    let (store, dispatcher, job_id) = (state.store.clone(), state.dispatcher.clone(), id.clone());
+    let created = tokio::spawn(async move {
+        let created = store.create_receipt(NewReceipt { record, work }, now).await;
+        if let Ok(Created::New(place)) = &created {
+            dispatcher.enqueue(
+                place.clone(),
                 Waiting {
-                    job: id.clone(),
+                    job: job_id,
                     taxation,
                     avoid: None,
                 },
             );
-            drop(admission);
+        }
+        drop(admission);
+        created
+    })
+    .await
+    .map_err(|e| {
+        plain(FermaError::new(
+            codes::INTERNAL,
+            format!("the receipt's commit task failed ({e}); retry with the same InvoiceId"),
+        ))
+    })?
+    .map_err(|e| plain(internal(&e)))?;
+    match created {
+        Created::New(_) => {
             state.metrics.accepted();
             Ok(id)
         }
@@ -758,7 +775,27 @@ async fn native_kkts<L: Ledger>(
 
 // ---- operations ------------------------------------------------------------------------------
 
-async fn metrics<L: Ledger>(State(state): State<ApiState<L>>) -> Response {
+async fn metrics<L: Ledger>(State(state): State<ApiState<L>>, headers: HeaderMap) -> Response {
+    if let Some(expected) = state.operator {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| secret_hash(t.trim()));
+        let same = presented.is_some_and(|p| {
+            p.iter()
+                .zip(expected.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+        });
+        if !same {
+            return NativeError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "metrics name every organisation and register: scrape with `Authorization: Bearer <admin.secret>`".into(),
+            }
+            .into_response();
+        }
+    }
     let now = unix_ms();
     let regs = state.dispatcher.registers();
     let mut by_state: HashMap<&'static str, usize> = HashMap::new();

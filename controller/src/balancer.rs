@@ -356,7 +356,8 @@ impl Balancer {
     }
 
     /// A job given out came back (or the dispatch failed). Returns what to do with it when it
-    /// came back without a document; `attempts` is the job's attempt count.
+    /// came back without a document; `attempts` is how many registers proved it not fiscalized
+    /// (this one included).
     pub fn job_done(
         &mut self,
         job: &str,
@@ -365,14 +366,19 @@ impl Balancer {
         attempts: u32,
         now_ms: u64,
     ) -> Option<Verdict> {
-        if self.held.remove(job).is_some() {
-            if let Some(r) = self.registers.get_mut(kkt) {
-                r.held = r.held.saturating_sub(1);
-            }
-        }
+        self.release(job, kkt);
         let error = match outcome {
             Outcome::Completed => return None,
-            Outcome::Refused | Outcome::Released => return Some(Verdict::Requeue),
+            Outcome::Released => return Some(Verdict::Requeue),
+            Outcome::Refused => {
+                // The agent would not journal it (journal full, register gone): give that
+                // register a rest until a fresh status, or every poll would bounce a job off it.
+                if let Some(r) = self.registers.get_mut(kkt) {
+                    r.fault = Some("its agent refused a receipt".into());
+                    r.last_probe = now_ms;
+                }
+                return Some(Verdict::Requeue);
+            }
             Outcome::NotFiscalized(e) => e,
         };
         if let Some(r) = self.registers.get_mut(kkt) {
@@ -472,13 +478,20 @@ impl Balancer {
     /// A dispatch returned by `poll` did not happen (nothing recorded, or the store put the job
     /// back): the job waits again at `place`.
     pub fn dispatch_failed(&mut self, job: &str, kkt: &str, back: Option<(QueuePlace, Waiting)>) {
-        if self.held.remove(job).is_some() {
+        self.release(job, kkt);
+        if let Some((place, w)) = back {
+            self.enqueue(place, w);
+        }
+    }
+
+    /// Forgets that `kkt` holds `job`; only if it is `kkt` that holds it (a stale report about
+    /// an earlier holder must not free a slot of the current one).
+    fn release(&mut self, job: &str, kkt: &str) {
+        if self.held.get(job).is_some_and(|k| k == kkt) {
+            self.held.remove(job);
             if let Some(r) = self.registers.get_mut(kkt) {
                 r.held = r.held.saturating_sub(1);
             }
-        }
-        if let Some((place, w)) = back {
-            self.enqueue(place, w);
         }
     }
 
@@ -1339,6 +1352,41 @@ mod tests {
         assert_eq!(b.held(), 0);
         let d = dispatches(&b.poll(NOW));
         assert_eq!(d[0], ("r5".into(), "a".into()));
+    }
+
+    #[test]
+    fn an_agent_refusal_rests_the_register_until_a_fresh_status() {
+        let mut b = with(&[("a", state("a", INN)), ("b", state("b", INN))]);
+        b.enqueue(place(1), job("r1"));
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r1".into(), "a".into())]);
+        assert_eq!(
+            b.job_done("r1", "a", &Outcome::Refused, 0, NOW),
+            Some(Verdict::Requeue)
+        );
+        b.enqueue(place(1), job("r1"));
+        b.enqueue(place(2), job("r2"));
+        let d = dispatches(&b.poll(NOW));
+        assert!(d.iter().all(|(_, k)| k == "b"), "{d:?}");
+        b.status("a", state("a", INN), NOW + 1);
+        b.job_done("r1", "b", &Outcome::Completed, 0, NOW + 1);
+        b.enqueue(place(3), job("r3"));
+        assert_eq!(
+            dispatches(&b.poll(NOW + 1)),
+            vec![("r3".into(), "a".into())]
+        );
+    }
+
+    #[test]
+    fn a_stale_report_does_not_free_another_registers_slot() {
+        let mut b = with(&[("a", state("a", INN)), ("b", state("b", INN))]);
+        b.config.max_in_flight = 1;
+        b.enqueue(place(1), job("r1"));
+        assert_eq!(dispatches(&b.poll(NOW)), vec![("r1".into(), "a".into())]);
+        // A report that names b for r1 (stale, or a failed duplicate dispatch) changes nothing.
+        b.dispatch_failed("r1", "b", None);
+        b.job_done("r1", "b", &Outcome::Released, 0, NOW);
+        assert_eq!(b.held(), 1);
+        assert_eq!(b.registers(NOW)[0].in_flight, 1);
     }
 
     mod model {

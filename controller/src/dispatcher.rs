@@ -117,12 +117,15 @@ impl Dispatcher {
     /// which is exactly the burst the limit exists for. Hold the admission until the receipt is
     /// enqueued (or refused); dropping it releases the place.
     pub fn admit(&self, inn: &str, max: usize) -> Result<Admission, usize> {
-        let depth = self.inner.lock().depth(inn);
+        // Lock order: admissions, then the balancer (an enqueue takes only the balancer, an
+        // admission's release only the admissions), so the depth read and the reservation are
+        // one step: no receipt can move from "admitted" to "waiting" between them unseen.
         let mut admitted = self
             .inner
             .admitted
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let depth = self.inner.lock().depth(inn);
         let pending = admitted.entry(inn.to_owned()).or_default();
         if depth + *pending >= max {
             return Err(depth + *pending);
@@ -317,7 +320,7 @@ fn came_back(inner: &Arc<Inner>, job: &str, kkt: &str, outcome: Outcome, now: u6
     };
     let verdict = inner
         .lock()
-        .job_done(job, kkt, &outcome, record.attempt, now);
+        .job_done(job, kkt, &outcome, record.failures, now);
     match verdict {
         Some(Verdict::Requeue) => {
             if let Some((place, w)) = waiting_of(&record) {
@@ -326,16 +329,24 @@ fn came_back(inner: &Arc<Inner>, job: &str, kkt: &str, outcome: Outcome, now: u6
         }
         Some(Verdict::Fail(reason)) => {
             inner.lock().remove(job);
-            let (store, metrics, job) =
-                (inner.store.clone(), inner.metrics.clone(), job.to_owned());
+            let (inner, job) = (inner.clone(), job.to_owned());
             tokio::spawn(async move {
-                match store.fail_job(&job, reason.clone(), unix_ms()).await {
+                match inner.store.fail_job(&job, reason.clone(), unix_ms()).await {
                     Ok(true) => {
-                        metrics.failed();
+                        inner.metrics.failed();
                         warn!(job, reason, "receipt given up: KKT_ERROR");
                     }
                     Ok(false) => {}
-                    Err(e) => warn!(job, error = %e, "cannot record a receipt as failed"),
+                    Err(e) => {
+                        // Still queued in the store: keep it in the queue rather than lose it
+                        // from view until a restart.
+                        warn!(job, error = %e, "cannot record a receipt as failed; it stays queued");
+                        if let Ok(Some(j)) = inner.store.job(&job) {
+                            if let Some((place, w)) = waiting_of(&j) {
+                                inner.lock().enqueue(place, w);
+                            }
+                        }
+                    }
                 }
             });
         }

@@ -90,8 +90,9 @@ pub fn document() -> Value {
         "responses": {"200": {"description": "array of NativeKkt"}}}}));
     paths.insert(
         "/metrics".into(),
-        json!({"get": {"tags": ["Operator"], "summary": "Prometheus metrics",
-        "responses": {"200": {"description": "text exposition format"}}}}),
+        json!({"get": {"tags": ["Operator"], "summary": "Prometheus metrics (they name every organisation and register: admin credential required)",
+        "security": [{"admin": []}],
+        "responses": {"200": {"description": "text exposition format"}, "401": {"description": "wrong admin credential"}}}}),
     );
     paths.insert(
         "/openapi.json".into(),

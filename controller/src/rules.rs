@@ -34,6 +34,10 @@ pub struct Job {
     pub state: JobState,
     /// The attempt last given out (0 before the first dispatch).
     pub attempt: u32,
+    /// Attempts a register proved not fiscalized (`NotFiscalized`). Unlike `attempt` it does not
+    /// count dispatches that never reached a register (refused, released, undeliverable), so
+    /// an agent that flaps does not use up a receipt's attempts.
+    pub failures: u32,
     /// Why the last attempt did not complete; kept when the job is queued again so the balancer
     /// can avoid the register that failed.
     pub last_error: Option<Setback>,
@@ -233,6 +237,7 @@ impl Job {
             work,
             state: JobState::Queued,
             attempt: 0,
+            failures: 0,
             last_error: None,
             created_at: now,
             updated_at: now,
@@ -441,7 +446,9 @@ pub fn apply(job: &Job, event: JobEvent, now: u64) -> Decision {
                 ..
             },
         ) if *a == agent && *n == attempt => {
-            Decision::write(job.requeued(&kkt, attempt, SetbackKind::NotFiscalized(error), now))
+            let mut next = job.requeued(&kkt, attempt, SetbackKind::NotFiscalized(error), now);
+            next.failures = next.failures.saturating_add(1);
+            Decision::write(next)
         }
         (JobEvent::NotFiscalized { attempt, .. }, S::Queued)
             if attempt == job.attempt

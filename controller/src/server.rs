@@ -97,6 +97,7 @@ impl Server {
             tunnel: tunnel.clone(),
             metrics: metrics.clone(),
             config: config.api,
+            operator: Some(admin_hash),
         };
         let admin_state = AdminState::new(
             tunnel.store().clone(),

@@ -130,6 +130,7 @@ impl Env {
             tunnel: server.tunnel.clone(),
             metrics: server.metrics.clone(),
             config: api_config,
+            operator: Some(admin_hash),
         };
         let admin_state = AdminState::new(
             server.store().clone(),
@@ -265,7 +266,7 @@ impl Env {
     }
 
     async fn metrics(&self) -> String {
-        let r = self.get("/metrics", None).await;
+        let r = self.get("/metrics", Some(&self.admin)).await;
         assert_eq!(r.status, StatusCode::OK);
         String::from_utf8(r.body.to_vec()).unwrap()
     }
@@ -1154,7 +1155,16 @@ async fn metrics_count_receipts_and_queues() {
         .await
         .failed(1019);
 
-    let r = env.get("/metrics", None).await;
+    // Metrics name every tenant's INN: a shop's token (or none) does not open them.
+    assert_eq!(
+        env.get("/metrics", None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        env.get("/metrics", Some(&token)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = env.get("/metrics", Some(&env.admin)).await;
     assert!(r.headers[header::CONTENT_TYPE]
         .to_str()
         .unwrap()
@@ -1380,6 +1390,8 @@ struct Shop {
     base: String,
     token: String,
     callback_secret: String,
+    /// The operator credential (metrics are an operator's).
+    admin: String,
 }
 
 impl Shop {
@@ -1411,6 +1423,7 @@ impl Shop {
             callback_secret: account["callbackSecret"].as_str().unwrap().to_owned(),
             client,
             base,
+            admin: env.admin.clone(),
         }
     }
 
@@ -1429,6 +1442,7 @@ impl Shop {
     async fn metrics(&self) -> String {
         self.client
             .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.admin)
             .send()
             .await
             .unwrap()
@@ -1702,6 +1716,7 @@ async fn a_failed_commit_is_never_acknowledged_and_the_retry_is_safe() {
         tunnel: env.server.tunnel.clone(),
         metrics: env.server.metrics.clone(),
         config: ApiConfig::default(),
+        operator: None,
     });
     let req = Request::post(format!("/api/kkt/cloud/receipt?AuthToken={token}"))
         .body(Body::from(receipt(INN_A, "inv-disk").to_string()))

@@ -1215,10 +1215,20 @@ fn apply_outbox_body(
                 match &event {
                     Event::OfdAck(ack) => {
                         rec.last_ofd_ack = Some(ack.clone());
-                        let done =
-                            ledger::on_delivered(txn, &ack.fn_number, ack.fd_number, now_ms)?;
-                        if !done.is_empty() {
-                            out.effects.push(Effect::ReceiptsConfirmed(done));
+                        // An agent confirms only documents of the FN its register has: it must
+                        // not be able to mark another register's (another tenant's) receipts.
+                        let its_fn = rec
+                            .state
+                            .as_ref()
+                            .is_some_and(|s| s.fn_info.fn_number == ack.fn_number);
+                        if its_fn {
+                            let done =
+                                ledger::on_delivered(txn, &ack.fn_number, ack.fd_number, now_ms)?;
+                            if !done.is_empty() {
+                                out.effects.push(Effect::ReceiptsConfirmed(done));
+                            }
+                        } else {
+                            warn!(agent, kkt, fn_number = ack.fn_number, "OFD acknowledgement for an FN this register does not have; not applied (its next status will confirm)");
                         }
                     }
                     Event::StatusChanged(device) => {
