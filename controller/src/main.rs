@@ -21,6 +21,9 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log as JSON lines (for log shippers) instead of text; RUST_LOG sets the level.
+    #[arg(long, global = true)]
+    log_json: bool,
 }
 
 #[derive(Subcommand)]
@@ -156,14 +159,19 @@ enum TokenCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    controller::install_crypto_provider();
     let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // One JSON object per line, fields (job, kkt, agent, ...) as keys: what log shippers read.
+    if cli.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    controller::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let result = runtime.block_on(run(cli));
     // Drop every task (and with them the store handles) before exiting.
