@@ -12,6 +12,9 @@
 //!   callback secret (shown once here; it signs the account's callbacks).
 //! * `GET /admin/accounts`, `/admin/agents`, `/admin/kkts`, `/admin/queue`,
 //!   `/admin/jobs/in-doubt?olderThanSeconds=N`, `/admin/anomalies`: the fleet as operators see it.
+//! * `POST /admin/kkts/{zn}/register` with the registration card (the register link's
+//!   `RegistrationParams` JSON: RNM from the tax service, user INN, taxation systems, OFD, ...) →
+//!   the registration report's fiscal result. The register must be online and not yet fiscal.
 
 use crate::dispatcher::Dispatcher;
 use crate::store::{Account, AccountRefusal, PasswordHash, Store, StoreError, PASSWORD_ROUNDS};
@@ -197,6 +200,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/admin/queue", get(queue))
         .route("/admin/jobs/in-doubt", get(in_doubt))
         .route("/admin/anomalies", get(anomalies))
+        .route("/admin/kkts/{zn}/register", post(register_kkt))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -529,4 +533,47 @@ async fn anomalies(
         })
         .collect();
     Ok(Json(serde_json::Value::Array(out)))
+}
+
+/// Registers an online register (document 1). The card comes from the operator: the RNM is the
+/// tax service's, and the register checks it against its ZN and the user INN.
+async fn register_kkt(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    axum::extract::Path(zn): axum::extract::Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let (tunnel, _) = fleet(&state)?;
+    let card: protocol::kkt::RegistrationParams = serde_json::from_slice(&body).map_err(|e| {
+        bad(format!(
+            "the body must be a registration card (rnm, userInn, userName, taxationSystems, internet, encryption, ofd{{name, inn, host, port}}, settlementAddress, settlementPlace, fnsSite): {e}"
+        ))
+    })?;
+    protocol::checksum::validate_inn(&card.user_inn).map_err(|e| {
+        bad(format!(
+            "userInn: {:?} is not a valid INN: {e}",
+            card.user_inn
+        ))
+    })?;
+    let reply = tunnel
+        .command(
+            &zn,
+            protocol::kkt::Call::Register(card),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|e| match e {
+            crate::tunnel::CommandError::KktOffline(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("register {zn} is not online; check its agent in GET /admin/kkts"),
+            ),
+            crate::tunnel::CommandError::Kkt(k) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("register {zn} refused the registration: {k}"),
+            ),
+            other => ApiError::new(StatusCode::GATEWAY_TIMEOUT, other.to_string()),
+        })?;
+    info!(kkt = zn, "register registered by an operator");
+    Ok(Json(serde_json::to_value(reply).unwrap_or_default()))
 }

@@ -114,6 +114,13 @@ pub fn document() -> Value {
             "409": {"description": "login or INN taken"}}});
     paths.insert("/admin/accounts".into(), accounts);
     paths.insert(
+        "/admin/kkts/{zn}/register".into(),
+        json!({"post": {"tags": ["Operator"], "summary": "Register an online register (registration report): body is the registration card, RNM from the tax service",
+        "security": [{"admin": []}],
+        "parameters": [{"name": "zn", "in": "path", "required": true, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the registration report's fiscal result"}, "404": {"description": "register not online"}, "422": {"description": "the register refused (message says why)"}}}}),
+    );
+    paths.insert(
         "/admin/agents".into(),
         admin_get("Agents online, with RTT, journal and outbox depth"),
     );

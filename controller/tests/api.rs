@@ -51,6 +51,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/admin/queue", "get"),
     ("/admin/jobs/in-doubt", "get"),
     ("/admin/anomalies", "get"),
+    ("/admin/kkts/{zn}/register", "post"),
 ];
 
 // ---- harness ---------------------------------------------------------------------------------
@@ -1254,7 +1255,9 @@ async fn openapi_describes_every_route() {
     }
     // And each route really is served (not 404/405) by the merged router.
     for (path, method) in ROUTES {
-        let uri = path.replace("{id}", "00000000-0000-0000-0000-000000000000");
+        let uri = path
+            .replace("{id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{zn}", "0000000000000000");
         let req = match *method {
             "get" => Request::get(&uri),
             _ => Request::post(&uri),
