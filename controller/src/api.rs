@@ -23,7 +23,7 @@ use crate::tunnel::Tunnel;
 use crate::unix_ms;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -94,7 +94,65 @@ pub fn app<L: Ledger>(state: ApiState<L>) -> Router {
         .route("/v1/kkts", get(native_kkts::<L>))
         .route("/metrics", get(metrics::<L>))
         .route("/openapi.json", get(openapi))
+        // Only the routes above get this one (axum applies it to routes already added), so the
+        // operator's routes merged in later keep their own answers.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
         .with_state(state)
+}
+
+// ---- wrong method, unknown path ----------------------------------------------------------------
+
+/// At most this much of a request path is echoed in an error.
+const PATH_SHOWN: usize = 200;
+
+fn shown_path(uri: &Uri) -> String {
+    let path = uri.path();
+    match path.char_indices().nth(PATH_SHOWN) {
+        Some((at, _)) => format!("{}…", &path[..at]),
+        None => path.to_owned(),
+    }
+}
+
+/// A refusal in the shape the caller reads: Ferma's envelope (code 1000) under `/api`, the
+/// native `{"error"}` elsewhere.
+fn routing_error(status: StatusCode, uri: &Uri, message: String) -> Response {
+    let path = uri.path();
+    if path == "/api" || path.starts_with("/api/") {
+        let err = FermaError::new(codes::BAD_REQUEST, message);
+        (status, Json(ferma::failure(&err))).into_response()
+    } else {
+        NativeError { status, message }.into_response()
+    }
+}
+
+/// A known path asked with another method (axum adds the `Allow` header).
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let allowed = if uri.path().starts_with("/api/") {
+        "POST"
+    } else {
+        "GET"
+    };
+    let message = format!(
+        "{method} is not allowed on {}; use {allowed}",
+        shown_path(&uri)
+    );
+    routing_error(StatusCode::METHOD_NOT_ALLOWED, &uri, message)
+}
+
+/// No route: name what was asked and where the calls are.
+async fn not_found(method: Method, uri: Uri) -> Response {
+    let path = shown_path(&uri);
+    let message = if uri.path() == "/api" || uri.path().starts_with("/api/") {
+        format!(
+            "no such call: {method} {path}; the calls are POST /api/Authorization/CreateAuthToken, \
+             /api/kkt/cloud/receipt, /api/kkt/cloud/status, /api/kkt/cloud/list and \
+             /api/kkt/cloud/list2"
+        )
+    } else {
+        format!("no such path: {method} {path}; the API is described in /openapi.json")
+    };
+    routing_error(StatusCode::NOT_FOUND, &uri, message)
 }
 
 // ---- Ferma envelope --------------------------------------------------------------------------

@@ -1093,6 +1093,23 @@ fn apply_outbox_body(
                 out.effects.push(Effect::AnomalyRecorded { id, job });
                 return Ok(());
             };
+            // Tenant isolation (DESIGN.md §3.4): an agent speaks only for its own registers. A
+            // result naming a register attached to another agent is applied only from the agent
+            // holding the job (the register may have moved since it executed it); from anyone
+            // else it would let one agent mark another's receipts fiscalized.
+            // (Not the holder, or nobody holds it.)
+            if current.state.holder().is_none_or(|(h, _, _)| h != agent) {
+                let owner = kkts
+                    .get(kkt.as_str())?
+                    .map(|v| decode::<KktRecord>(v.value()))
+                    .transpose()?
+                    .map(|r| r.agent)
+                    .filter(|owner| owner != agent);
+                if let Some(owner) = owner {
+                    error!(agent, job, kkt, owner, attempt, "a result for a register attached to another agent, for a job this agent does not hold; ignored");
+                    return Ok(());
+                }
+            }
             if let Some((holder, _, n)) = current.state.holder() {
                 if holder != agent || n != attempt {
                     warn!(agent, job, kkt, attempt, holder, held_attempt = n,
@@ -1239,11 +1256,13 @@ fn apply_outbox_body(
                 }
                 rec.updated_at = now_ms;
                 kkts.insert(kkt.as_str(), encode(&rec)?.as_slice())?;
+                // Published only for the agent's own register: subscribers (the dispatcher)
+                // act on it.
+                out.effects.push(Effect::KktEvent {
+                    kkt,
+                    event: Box::new(event),
+                });
             }
-            out.effects.push(Effect::KktEvent {
-                kkt,
-                event: Box::new(event),
-            });
         }
     }
     Ok(())
