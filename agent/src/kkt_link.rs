@@ -47,7 +47,13 @@ pub async fn serve_ws(agent: Arc<Agent>, listener: TcpListener) {
                             Err(e)
                         }
                     };
+                    // Small buffers: a shelf agent holds a connection per register (up to
+                    // thousands) and register messages are small; the default 128 KiB read
+                    // buffer per connection cost ~155 KiB of RSS per register.
                     let config = WebSocketConfig::default()
+                        .read_buffer_size(4 * 1024)
+                        .write_buffer_size(0)
+                        .max_write_buffer_size(MAX_MESSAGE_BYTES * 2)
                         .max_message_size(Some(MAX_MESSAGE_BYTES))
                         .max_frame_size(Some(MAX_MESSAGE_BYTES));
                     match tokio_tungstenite::accept_hdr_async_with_config(
