@@ -11,7 +11,15 @@
 //!   only after its commit is durable, with C concurrent clients (goal ≥ 5,000/s with 64), next
 //!   to redb's raw single-commit rate on the same disk;
 //! * `balance` — end-to-end fiscalized receipts per second with N simulated registers of service
-//!   time T, as a fraction of their capacity N/T (goal ≥ 0.95 for 200 × 200 ms).
+//!   time T, as a fraction of their capacity N/T (goal ≥ 0.95 for 200 × 200 ms);
+//! * `edge` — the edge link with the real `agent` binary: its RSS with N registers (goal ≤ 20 MB
+//!   for 8), the added round trip of a job, and a replay after a link cut (as `replay`);
+//! * `replay` — results buffered by the real `agent` binary while its link to the controller is
+//!   cut, replayed per second once it is back (goal ≥ 5,000/s), with every job checked for exactly
+//!   one receipt in the FN archives and no controller anomaly;
+//! * `footprint` — RSS of the real `agent` and `controller serve` processes with 1, 100 and 1,000
+//!   registers of a `firmware-sim kkt` process attached (the agent's goal: ≤ 20 MB), and the sizes
+//!   of the release binaries.
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -55,6 +63,25 @@ enum Scenario {
         /// Jobs whose results are buffered during a link cut and then replayed.
         #[arg(long, default_value_t = 4000)]
         replay_jobs: usize,
+    },
+    /// Buffered results replayed per second by the agent after a link outage.
+    Replay {
+        #[arg(long, default_value_t = 8)]
+        registers: usize,
+        /// Jobs accepted before the cut; their results are buffered, then replayed. Above about
+        /// 8,700 the agent cannot reconnect: the hello listing its unacknowledged jobs outgrows
+        /// the tunnel's 256 KiB frame limit.
+        #[arg(long, default_value_t = 5_000)]
+        jobs: usize,
+    },
+    /// Agent and controller RSS with N registers attached; release binary sizes.
+    Footprint {
+        /// Register counts, each measured on a fresh system.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 100, 1000])]
+        registers: Vec<usize>,
+        /// Pause before each reading, so start-up and attach work settles.
+        #[arg(long, default_value_t = 2000)]
+        settle_ms: u64,
     },
     /// Durable receipts accepted per second over the Ferma HTTP API.
     Ingest {
@@ -133,6 +160,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rtt_jobs,
             replay_jobs,
         } => edge(registers, rtt_jobs, replay_jobs).await,
+        Scenario::Replay { registers, jobs } => replay(registers, jobs).await,
+        Scenario::Footprint {
+            registers,
+            settle_ms,
+        } => footprint(registers, settle_ms).await,
     }
 }
 
@@ -364,8 +396,11 @@ async fn ofd(fns: usize, docs_per_fn: usize) -> anyhow::Result<()> {
 struct ReplayCounts {
     accepted: std::collections::HashSet<String>,
     completed: std::collections::HashSet<String>,
-    connected: u32,
     disconnected: u32,
+    /// When the counting task saw the agent's last connection and the last replay result: both
+    /// ends of the replay are timed by the same receiver, so its own delay cancels out.
+    connected_at: Option<Instant>,
+    last_completed_at: Option<Instant>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -375,9 +410,24 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-async fn edge(registers: usize, rtt_jobs: usize, replay_jobs: usize) -> anyhow::Result<()> {
+/// How long the registers of a bench may take to attach (and, in `footprint`, to report).
+const ATTACH_LIMIT: Duration = Duration::from_secs(90);
+
+/// The edge link as `edge` and `replay` measure it: the controller's tunnel and the simulated
+/// registers in this process, the real `agent` binary as a child process that dials the tunnel
+/// through a loopback relay the bench can cut.
+struct EdgeRig {
+    sys: system_tests::system::System,
+    relay: system_tests::relay::Relay,
+    agent: system_tests::system::AgentProcess,
+    fleet: Arc<firmware_sim::device::Fleet>,
+    /// ZNs of the registers, in the order they attached.
+    kkts: Vec<String>,
+}
+
+/// Starts an [`EdgeRig`] with `registers` registers attached, registered and their shifts open.
+async fn edge_rig(registers: usize) -> anyhow::Result<EdgeRig> {
     use controller::tunnel::TunnelEvent;
-    use protocol::tunnel::Work;
     use system_tests::relay::Relay;
     use system_tests::system::{AgentProcess, System};
 
@@ -393,27 +443,328 @@ async fn edge(registers: usize, rtt_jobs: usize, replay_jobs: usize) -> anyhow::
     let fleet =
         system_tests::system::registers(agent.kkt_addr, registers, &sys.dir.path().join("sim"), 0)?;
     let mut kkts = Vec::new();
-    while kkts.len() < registers {
-        if let TunnelEvent::KktAttached { kkt, .. } = sys
-            .wait(|e| matches!(e, TunnelEvent::KktAttached { .. }))
-            .await
-        {
-            if !kkts.contains(&kkt) {
-                kkts.push(kkt);
+    let attached = tokio::time::timeout(ATTACH_LIMIT, async {
+        while kkts.len() < registers {
+            if let TunnelEvent::KktAttached { kkt, .. } = sys
+                .wait(|e| matches!(e, TunnelEvent::KktAttached { .. }))
+                .await
+            {
+                if !kkts.contains(&kkt) {
+                    kkts.push(kkt);
+                }
             }
         }
+    })
+    .await;
+    if attached.is_err() {
+        bail!(
+            "{} of {registers} registers attached within {ATTACH_LIMIT:?}",
+            kkts.len()
+        );
     }
     for k in &kkts {
         sys.prepare(k).await?;
     }
+    Ok(EdgeRig {
+        sys,
+        relay,
+        agent,
+        fleet,
+        kkts,
+    })
+}
+
+/// Service time of the registers while the replay's jobs are dispatched: long enough that few
+/// of them complete before the cut (8 registers finish 16 a second), so most results are buffered.
+const REPLAY_HOLD_MS: u64 = 500;
+
+/// How long each step of a replay may take before the bench gives up and says where it stuck.
+const REPLAY_LIMIT: Duration = Duration::from_secs(120);
+
+/// What [`replay_after_cut`] measured.
+struct Replayed {
+    jobs: usize,
+    /// Results that reached the controller only after the link came back (the others completed
+    /// before the cut).
+    results: usize,
+    /// The agent's outbox entries waiting when the link came back: the results and the job-state
+    /// reports around them.
+    entries: u64,
+    /// From the agent's reconnection to the last result applied by the controller.
+    elapsed: Duration,
+    /// The controller's anomalies (a job fiscalized twice, a result for an unknown job, ...).
+    anomalies: usize,
+    /// Receipts in the FN archives beyond one per job.
+    duplicates: usize,
+    /// Jobs with no receipt in any FN archive.
+    missing: usize,
+}
+
+/// Buffered results replayed after a link outage. `jobs` receipts are accepted by the agent while
+/// the registers are slowed to [`REPLAY_HOLD_MS`] a receipt, the link is cut, the registers
+/// finish every receipt while it is down (the agent journals each result), then the link is
+/// restored and the time until the controller has applied every buffered result is measured.
+/// Afterwards every job must have exactly one receipt in the FN archives and the controller no
+/// anomaly.
+async fn replay_after_cut(rig: &EdgeRig, jobs: usize) -> anyhow::Result<Replayed> {
+    use controller::tunnel::TunnelEvent;
+    use protocol::tunnel::Work;
+
+    let EdgeRig {
+        sys,
+        relay,
+        agent,
+        fleet,
+        kkts,
+    } = rig;
+    // Events are counted by their own task so that none are lost to a lagging receiver.
+    let counts = Arc::new(std::sync::Mutex::new(ReplayCounts::default()));
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let counter = {
+        let mut rx = sys.tunnel.subscribe();
+        let (counts, changed) = (counts.clone(), changed.clone());
+        tokio::spawn(async move {
+            loop {
+                let e = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        eprintln!("event receiver lagged by {n}");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                if let Ok(mut c) = counts.lock() {
+                    match e {
+                        TunnelEvent::JobAccepted { job, .. } if job.starts_with("replay-") => {
+                            c.accepted.insert(job);
+                        }
+                        TunnelEvent::JobCompleted { job, .. } if job.starts_with("replay-") => {
+                            c.completed.insert(job);
+                            c.last_completed_at = Some(Instant::now());
+                        }
+                        TunnelEvent::AgentConnected { .. } => c.connected_at = Some(Instant::now()),
+                        TunnelEvent::AgentDisconnected { .. } => c.disconnected += 1,
+                        _ => continue,
+                    }
+                }
+                changed.notify_waiters();
+            }
+        })
+    };
+    let health = agent.health_addr.to_string();
+    let wait_until = |what: &'static str, pred: Box<dyn Fn(&ReplayCounts) -> bool + Send>| {
+        let (counts, changed, health) = (counts.clone(), changed.clone(), health.clone());
+        async move {
+            let wait = async {
+                loop {
+                    let n = changed.notified();
+                    tokio::pin!(n);
+                    n.as_mut().enable();
+                    if counts.lock().map(|c| pred(&c)).unwrap_or(false) {
+                        return;
+                    }
+                    n.await;
+                }
+            };
+            if tokio::time::timeout(REPLAY_LIMIT, wait).await.is_ok() {
+                return Ok(());
+            }
+            let (accepted, completed) = counts
+                .lock()
+                .map(|c| (c.accepted.len(), c.completed.len()))
+                .unwrap_or_default();
+            let link = match agent::health::fetch(&health).await {
+                Ok(h) => format!(
+                    "link up: {}, last error: {:?}",
+                    h.link.up, h.link.last_error
+                ),
+                Err(e) => e,
+            };
+            bail!(
+                "timed out after {REPLAY_LIMIT:?} waiting for {what}: {accepted} jobs accepted, \
+                 {completed} results applied; the agent says {link}"
+            )
+        }
+    };
+    // Each job forms one document: its register's FN reaches `last + share`.
+    let mut formed = Vec::new();
+    for k in kkts {
+        let d = fleet.device(k).context("device")?;
+        d.faults().latency_ms = REPLAY_HOLD_MS;
+        let f = d.formed();
+        let last = *f.borrow();
+        formed.push((f, last));
+    }
+    for n in 0..jobs {
+        let kkt = &kkts[n % kkts.len()];
+        sys.tunnel
+            .dispatch(
+                &format!("replay-{n}"),
+                kkt,
+                Work::Receipt(fixtures::receipt(n as u64, None)),
+            )
+            .await?;
+    }
+    wait_until(
+        "every job accepted",
+        Box::new(move |c| c.accepted.len() >= jobs),
+    )
+    .await?;
+    relay.cut();
+    eprintln!("{jobs} jobs accepted; link cut");
+    wait_until("the cut noticed", Box::new(|c| c.disconnected >= 1)).await?;
+    for k in kkts {
+        fleet.device(k).context("device")?.faults().latency_ms = 0;
+    }
+    // Every register finishes its share while the link is down.
+    let before_cut = counts.lock().map(|c| c.completed.len()).unwrap_or(0);
+    let deadline = Instant::now() + REPLAY_LIMIT;
+    for (i, (mut f, last)) in formed.into_iter().enumerate() {
+        let share = (0..jobs).filter(|n| n % kkts.len() == i).count() as u32;
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout(left, f.wait_for(|fd| *fd >= last + share))
+            .await
+            .with_context(|| format!("register {} did not finish its receipts", kkts[i]))??;
+    }
+    // The agent journals the last results right after the register answers.
+    let entries = loop {
+        let h = agent::health::fetch(&health)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if h.journal_depth as usize >= jobs - before_cut {
+            break h.outbox_depth;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent journaled {} of {} results",
+                h.journal_depth,
+                jobs - before_cut
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("{entries} outbox entries buffered; restoring the link");
+    let applied_before = counts.lock().map(|c| c.completed.len()).unwrap_or(0);
+    relay.restore();
+    wait_until(
+        "every result applied",
+        Box::new(move |c| c.completed.len() >= jobs),
+    )
+    .await?;
+    counter.abort();
+    let elapsed = {
+        let c = counts
+            .lock()
+            .map_err(|_| anyhow::anyhow!("event counter panicked"))?;
+        match (c.connected_at, c.last_completed_at) {
+            (Some(from), Some(to)) => to.saturating_duration_since(from),
+            _ => bail!("the agent's reconnection was not seen"),
+        }
+    };
+    let anomalies = sys.tunnel.anomalies()?.len();
+    let archived = system_tests::stack::archived_receipts(fleet);
+    let (mut duplicates, mut missing) = (0, 0);
+    for n in 0..jobs {
+        match archived.get(&format!("replay-{n}")).map_or(0, Vec::len) {
+            0 => missing += 1,
+            k => duplicates += k - 1,
+        }
+    }
+    Ok(Replayed {
+        jobs,
+        results: jobs - applied_before,
+        entries,
+        elapsed,
+        anomalies,
+        duplicates,
+        missing,
+    })
+}
+
+/// A count that must be zero; the ratio column says whether it is.
+fn must_be_zero(name: &str, value: usize, unit: &str) {
+    let verdict = if value == 0 { "ok" } else { "FAIL" };
+    println!(
+        "{name:<44} {:>12} {unit:<10} {:<16} {verdict:>6}",
+        value, "= 0"
+    );
+}
+
+/// The rows of a [`replay_after_cut`] measurement; fails after printing them if a job was
+/// fiscalized twice or lost.
+fn replay_rows(r: &Replayed) -> anyhow::Result<()> {
+    let secs = r.elapsed.as_secs_f64();
+    let rate = r.results as f64 / secs;
+    info(
+        "results buffered during the cut",
+        r.results as f64,
+        "results",
+    );
+    info(
+        "jobs completed before the cut (not counted)",
+        (r.jobs - r.results) as f64,
+        "results",
+    );
+    info(
+        "outbox entries buffered during the cut",
+        r.entries as f64,
+        "entries",
+    );
+    info("replay time (reconnect → last result)", secs * 1e3, "ms");
+    row(
+        "replay after reconnect, results",
+        rate,
+        "results/s",
+        ">= 5000/s",
+        rate / 5000.0,
+    );
+    info(
+        "replay after reconnect, outbox entries",
+        r.entries as f64 / secs,
+        "entries/s",
+    );
+    must_be_zero(
+        "duplicate fiscalizations (FN archives)",
+        r.duplicates,
+        "receipts",
+    );
+    must_be_zero("jobs without a receipt (FN archives)", r.missing, "jobs");
+    must_be_zero("controller anomalies", r.anomalies, "");
+    if r.duplicates + r.missing + r.anomalies > 0 {
+        bail!("the replay broke exactly-once; see the table");
+    }
+    Ok(())
+}
+
+async fn replay(registers: usize, jobs: usize) -> anyhow::Result<()> {
+    if registers == 0 || jobs == 0 {
+        bail!("--registers and --jobs must be at least 1");
+    }
+    let rig = edge_rig(registers).await?;
+    eprintln!("{registers} registers attached and registered; replaying {jobs} jobs");
+    let replayed = replay_after_cut(&rig, jobs).await?;
+    header();
+    info("registers", registers as f64, "registers");
+    replay_rows(&replayed)
+}
+
+async fn edge(registers: usize, rtt_jobs: usize, replay_jobs: usize) -> anyhow::Result<()> {
+    use controller::tunnel::TunnelEvent;
+    use protocol::tunnel::Work;
+
+    if registers == 0 || replay_jobs == 0 {
+        bail!("--registers and --replay-jobs must be at least 1");
+    }
+    let mut rig = edge_rig(registers).await?;
     eprintln!("{registers} registers attached and registered; measuring");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss, _) = memory_kib(agent.child.id()).context("agent memory")?;
+    let (rss, _) = memory_kib(rig.agent.child.id()).context("agent memory")?;
 
     // Round trip of one job at a time: dispatch → agent → register → result applied.
     let mut rtts = Vec::with_capacity(rtt_jobs);
     // Where the time goes: dispatch recorded and sent; accepted (journaled) by the agent.
     let mut stages: [Vec<Duration>; 2] = Default::default();
+    let (sys, kkts) = (&mut rig.sys, &rig.kkts);
     for n in 0..rtt_jobs {
         let job = format!("rtt-{n}");
         let kkt = &kkts[n % kkts.len()];
@@ -438,102 +789,7 @@ async fn edge(registers: usize, rtt_jobs: usize, replay_jobs: usize) -> anyhow::
     // The register's own time for the same receipt, driven directly over its WebSocket.
     let own = register_own_time(rtt_jobs.min(300)).await?;
 
-    // Replay: results pile up while the link is cut, then flow when it returns. Events are
-    // counted by their own task so that none are lost to a lagging receiver.
-    let counts = Arc::new(std::sync::Mutex::new(ReplayCounts::default()));
-    let changed = Arc::new(tokio::sync::Notify::new());
-    {
-        let mut rx = sys.tunnel.subscribe();
-        let (counts, changed) = (counts.clone(), changed.clone());
-        tokio::spawn(async move {
-            loop {
-                let e = match rx.recv().await {
-                    Ok(e) => e,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        eprintln!("event receiver lagged by {n}");
-                        continue;
-                    }
-                    Err(_) => return,
-                };
-                if let Ok(mut c) = counts.lock() {
-                    match e {
-                        TunnelEvent::JobAccepted { job, .. } if job.starts_with("replay-") => {
-                            c.accepted.insert(job);
-                        }
-                        TunnelEvent::JobCompleted { job, .. } if job.starts_with("replay-") => {
-                            c.completed.insert(job);
-                        }
-                        TunnelEvent::AgentConnected { .. } => c.connected += 1,
-                        TunnelEvent::AgentDisconnected { .. } => c.disconnected += 1,
-                        _ => continue,
-                    }
-                }
-                changed.notify_waiters();
-            }
-        });
-    }
-    let wait_until = |pred: Box<dyn Fn(&ReplayCounts) -> bool + Send>| {
-        let (counts, changed) = (counts.clone(), changed.clone());
-        async move {
-            loop {
-                let n = changed.notified();
-                tokio::pin!(n);
-                n.as_mut().enable();
-                if counts.lock().map(|c| pred(&c)).unwrap_or(false) {
-                    return;
-                }
-                n.await;
-            }
-        }
-    };
-    for k in &kkts {
-        fleet.device(k).context("device")?.faults().latency_ms = 20;
-    }
-    for n in 0..replay_jobs {
-        let kkt = &kkts[n % kkts.len()];
-        sys.tunnel
-            .dispatch(
-                &format!("replay-{n}"),
-                kkt,
-                Work::Receipt(fixtures::receipt(n as u64, None)),
-            )
-            .await?;
-    }
-    wait_until(Box::new(move |c| c.accepted.len() >= replay_jobs)).await;
-    relay.cut();
-    eprintln!("{replay_jobs} jobs accepted; link cut");
-    wait_until(Box::new(|c| c.disconnected >= 1)).await;
-    let mut formed = Vec::new();
-    for k in &kkts {
-        let d = fleet.device(k).context("device")?;
-        d.faults().latency_ms = 0;
-        formed.push(d.formed());
-    }
-    // Every register finishes its share while the link is down (one document per job).
-    let before_cut = counts.lock().map(|c| c.completed.len()).unwrap_or(0);
-    for (i, mut f) in formed.into_iter().enumerate() {
-        let share = (0..replay_jobs).filter(|n| n % kkts.len() == i).count() as u32;
-        let rtt_share = (0..rtt_jobs).filter(|n| n % kkts.len() == i).count() as u32;
-        f.wait_for(|fd| *fd >= 2 + rtt_share + share).await?;
-    }
-    // The agent journals the last results right after the register answers.
-    let health = loop {
-        let h = agent::health::fetch(&agent.health_addr.to_string())
-            .await
-            .map_err(anyhow::Error::msg)?;
-        if h.journal_depth as usize >= replay_jobs - before_cut {
-            break h;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let buffered = health.outbox_depth;
-    eprintln!("{buffered} outbox entries buffered; restoring the link");
-    relay.restore();
-    wait_until(Box::new(|c| c.connected >= 1)).await;
-    let t0 = Instant::now();
-    wait_until(Box::new(move |c| c.completed.len() >= replay_jobs)).await;
-    let replay_time = t0.elapsed();
-    let anomalies = sys.tunnel.anomalies()?.len();
+    let replayed = replay_after_cut(&rig, replay_jobs).await?;
 
     header();
     row(
@@ -573,21 +829,7 @@ async fn edge(registers: usize, rtt_jobs: usize, replay_jobs: usize) -> anyhow::
         (p50 - own50) / 1.0,
     );
     info("added by the edge link, p99", p99 - own99, "ms");
-    info(
-        "outbox entries buffered during the cut",
-        buffered as f64,
-        "entries",
-    );
-    let rate = buffered as f64 / replay_time.as_secs_f64();
-    row(
-        "replay after reconnect",
-        rate,
-        "entries/s",
-        ">= 5000/s",
-        rate / 5000.0,
-    );
-    info("duplicate fiscalizations (anomalies)", anomalies as f64, "");
-    Ok(())
+    replay_rows(&replayed)
 }
 
 /// A receipt's round trip over a direct WebSocket to one simulated register: the time the
@@ -904,5 +1146,278 @@ async fn balance(
         s.ofd.stats().accepted as f64,
         "documents",
     );
+    Ok(())
+}
+
+/// A `controller serve` child process on loopback ports, killed when dropped.
+struct ControllerProcess {
+    child: Killed,
+    data: std::path::PathBuf,
+    http: std::net::SocketAddr,
+    quic: std::net::SocketAddr,
+}
+
+impl ControllerProcess {
+    fn spawn(data: &std::path::Path) -> anyhow::Result<ControllerProcess> {
+        let bin = sibling_binary("controller").map_err(anyhow::Error::msg)?;
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args(["--http", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting controller serve")?;
+        let out = child.stdout.take().context("controller stdout")?;
+        let child = Killed(child);
+        let mut lines = BufReader::new(out).lines();
+        let mut addr = |prefix: &str| -> anyhow::Result<std::net::SocketAddr> {
+            let line = lines
+                .next()
+                .context("the controller exited before listening")??;
+            let addr = line
+                .strip_prefix(prefix)
+                .with_context(|| format!("unexpected line from the controller: {line:?}"))?;
+            Ok(addr.parse()?)
+        };
+        let quic = addr("quic listening on ")?;
+        let http = addr("http listening on ")?;
+        Ok(ControllerProcess {
+            child,
+            data: data.to_path_buf(),
+            http,
+            quic,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// A one-time enrollment token from `controller agent-token create`, as an operator gets it.
+    fn agent_token(&self) -> anyhow::Result<String> {
+        let out = Command::new(sibling_binary("controller").map_err(anyhow::Error::msg)?)
+            .args(["agent-token", "create", "--data"])
+            .arg(&self.data)
+            .args(["--http", &self.http.to_string()])
+            .output()
+            .context("controller agent-token create")?;
+        if !out.status.success() {
+            bail!(
+                "controller agent-token create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .context("no token printed")?
+            .trim()
+            .to_owned())
+    }
+
+    /// Registers the controller knows with their state reported (its `GET /admin/kkts`).
+    async fn reported_registers(&self) -> anyhow::Result<usize> {
+        let kkts = system_tests::stack::admin_get(
+            &format!("http://{}", self.http),
+            &self.data,
+            "/admin/kkts",
+        )
+        .await?;
+        let list = kkts.as_array().context("/admin/kkts is not a list")?;
+        Ok(list
+            .iter()
+            .filter(|k| {
+                k["agent"].is_string()
+                    && !k["pool"]
+                        .as_str()
+                        .unwrap_or("unknown")
+                        .starts_with("unknown")
+            })
+            .count())
+    }
+}
+
+/// Resident and peak memory of `pid`, in MiB.
+fn memory_mib(pid: u32, what: &str) -> anyhow::Result<(f64, f64)> {
+    let (rss, hwm) = memory_kib(pid).with_context(|| format!("reading /proc for the {what}"))?;
+    Ok((rss as f64 / 1024.0, hwm as f64 / 1024.0))
+}
+
+/// What `footprint` measured for one count of registers.
+struct Footprint {
+    registers: usize,
+    /// From the simulator's start until the agent and the controller both saw every register.
+    attach: Duration,
+    /// RSS and peak (VmHWM) in MiB, all registers attached.
+    agent: (f64, f64),
+    controller: (f64, f64),
+    /// RSS in MiB with the tunnel up and no register yet.
+    agent_idle: f64,
+    controller_idle: f64,
+}
+
+/// A fresh system of real binaries: `controller serve`, an `agent` enrolled with a token from
+/// `controller agent-token create`, and `firmware-sim kkt --count registers` connected to the
+/// agent; memory is read once the controller has every register's state and the agent lists them
+/// all, after a short settle.
+async fn footprint_of(registers: usize, settle: Duration) -> anyhow::Result<Footprint> {
+    use system_tests::system::{agent_command, AgentProcess};
+
+    let dir = tempfile::tempdir()?;
+    let controller = ControllerProcess::spawn(&dir.path().join("controller"))?;
+    let token = controller.agent_token()?;
+    let agent_dir = dir.path().join("agent");
+    let enrolled = agent_command()?
+        .args(["enroll", "--controller", &controller.quic.to_string()])
+        .args(["--token", &token, "--name", "bench-footprint", "--data"])
+        .arg(&agent_dir)
+        .output()
+        .context("agent enroll")?;
+    if !enrolled.status.success() {
+        bail!(
+            "agent enroll failed: {}",
+            String::from_utf8_lossy(&enrolled.stderr)
+        );
+    }
+    let agent = AgentProcess::spawn(&agent_dir, None, &[])?;
+    let health = agent.health_addr.to_string();
+    let deadline = Instant::now() + ATTACH_LIMIT;
+    loop {
+        let h = agent::health::fetch(&health)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if h.link.up {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent's tunnel did not come up: {:?}",
+                h.link.last_error
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(settle).await;
+    let (agent_idle, _) = memory_mib(agent.child.id(), "agent")?;
+    let (controller_idle, _) = memory_mib(controller.pid(), "controller")?;
+
+    let started = Instant::now();
+    let sim = Command::new(sibling_binary("firmware-sim").map_err(anyhow::Error::msg)?)
+        .args(["kkt", "--connect", &format!("ws://{}/kkt", agent.kkt_addr)])
+        .args([
+            "--count",
+            &registers.to_string(),
+            "--max-backoff-ms",
+            "1000",
+        ])
+        .arg("--state")
+        .arg(dir.path().join("sim"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting firmware-sim kkt")?;
+    let mut sim = Killed(sim);
+    let deadline = started + ATTACH_LIMIT;
+    let (mut seen_agent, mut seen_controller) = (0, 0);
+    while seen_agent < registers || seen_controller < registers {
+        if Instant::now() > deadline {
+            bail!(
+                "{registers} registers: after {ATTACH_LIMIT:?} the agent lists {seen_agent} and \
+                 the controller has the state of {seen_controller}"
+            );
+        }
+        if let Some(status) = sim.0.try_wait()? {
+            bail!("firmware-sim exited ({status})");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        seen_agent = agent::health::fetch(&health)
+            .await
+            .map_err(anyhow::Error::msg)?
+            .kkts
+            .len();
+        seen_controller = controller.reported_registers().await?;
+    }
+    let attach = started.elapsed();
+    tokio::time::sleep(settle).await;
+    let result = Footprint {
+        registers,
+        attach,
+        agent: memory_mib(agent.child.id(), "agent")?,
+        controller: memory_mib(controller.pid(), "controller")?,
+        agent_idle,
+        controller_idle,
+    };
+    drop(sim);
+    Ok(result)
+}
+
+async fn footprint(counts: Vec<usize>, settle_ms: u64) -> anyhow::Result<()> {
+    if counts.is_empty() || counts.contains(&0) {
+        bail!("--registers: give counts of at least 1, e.g. 1,100,1000");
+    }
+    // reqwest (the admin API) needs rustls' provider installed.
+    system_tests::system::install_crypto();
+    let settle = Duration::from_millis(settle_ms);
+    let mut measured = Vec::new();
+    for &n in &counts {
+        eprintln!("footprint: {n} registers");
+        measured.push(footprint_of(n, settle).await?);
+    }
+    header();
+    let first = &measured[0];
+    info("agent RSS, tunnel up, no register", first.agent_idle, "MiB");
+    info(
+        "controller RSS, agent connected, no register",
+        first.controller_idle,
+        "MiB",
+    );
+    for m in &measured {
+        let n = m.registers;
+        let regs = if n == 1 { "register" } else { "registers" };
+        row(
+            &format!("agent RSS, {n} {regs} attached"),
+            m.agent.0,
+            "MiB",
+            "<= 20 MiB",
+            m.agent.0 / 20.0,
+        );
+        info("  agent peak RSS (VmHWM)", m.agent.1, "MiB");
+        info(
+            &format!("controller RSS, {n} {regs} attached"),
+            m.controller.0,
+            "MiB",
+        );
+        info("  controller peak RSS (VmHWM)", m.controller.1, "MiB");
+        info(
+            &format!("  all {n} seen by agent and controller"),
+            m.attach.as_secs_f64(),
+            "s",
+        );
+    }
+    if let (Some(lo), Some(hi)) = (measured.first(), measured.last()) {
+        if hi.registers > lo.registers {
+            let per = |a: f64, b: f64| (b - a) * 1024.0 / (hi.registers - lo.registers) as f64;
+            info(
+                &format!("agent RSS per register ({}→{})", lo.registers, hi.registers),
+                per(lo.agent.0, hi.agent.0),
+                "KiB",
+            );
+            info(
+                &format!(
+                    "controller RSS per register ({}→{})",
+                    lo.registers, hi.registers
+                ),
+                per(lo.controller.0, hi.controller.0),
+                "KiB",
+            );
+        }
+    }
+    for name in ["controller", "agent", "firmware-sim"] {
+        let path = sibling_binary(name).map_err(anyhow::Error::msg)?;
+        let size = std::fs::metadata(&path)?.len() as f64 / (1024.0 * 1024.0);
+        info(&format!("release binary size: {name}"), size, "MiB");
+    }
     Ok(())
 }
