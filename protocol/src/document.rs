@@ -594,8 +594,18 @@ impl ShiftReport {
             close,
             shift_number: r.u32(1038)?,
             cashier: r.opt_str(1021)?.unwrap_or_default(),
-            receipts_in_shift: r.opt_u32(1118)?.unwrap_or(0),
-            documents_in_shift: r.opt_u32(1111)?.unwrap_or(0),
+            // Closing report only, as `to_document` writes them: an opening report that carries
+            // them would read as counters that never reach the wire again.
+            receipts_in_shift: if close {
+                r.opt_u32(1118)?.unwrap_or(0)
+            } else {
+                0
+            },
+            documents_in_shift: if close {
+                r.opt_u32(1111)?.unwrap_or(0)
+            } else {
+                0
+            },
             unsent: UnsentSummary::read(&r)?,
             flags: FnFlags {
                 resource_30_days: r.flag(1050)?,

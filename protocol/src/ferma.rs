@@ -523,10 +523,14 @@ pub fn parse_local(s: &str) -> Option<LocalSecs> {
         return None;
     }
     let naive = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
-    Some(match offset {
+    let local = match offset {
         Some(off) => naive - off + MOSCOW_OFFSET_SECS,
         None => naive,
-    })
+    };
+    // An offset can move the moment out of the four-digit years (9999-12-31T23:00-05:00 is
+    // 10000-01-01 in Moscow), which `format_local` could not print back in this layout.
+    let years = days_from_civil(0, 1, 1) * 86_400..days_from_civil(10_000, 1, 1) * 86_400;
+    years.contains(&local).then_some(local)
 }
 
 struct Cursor<'a>(&'a [u8]);
