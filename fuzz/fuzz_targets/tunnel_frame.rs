@@ -1,0 +1,4 @@
+#![no_main]
+//! See `protocol_fuzz::tunnel_frame` for what this target feeds and which properties it checks.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| protocol_fuzz::tunnel_frame(data));
