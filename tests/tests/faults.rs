@@ -47,27 +47,34 @@ impl Drop for Proc {
 /// How long a child may take to start (print its addresses) or a CLI to finish.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs blocking child-process I/O off the async workers, bounded: a child that never prints
-/// fails the scenario (with its seed) instead of hanging it.
-fn bounded<T: Send + 'static>(
+/// Runs blocking child-process I/O on the blocking pool, bounded. Off the async workers: a
+/// worker blocked on a child's output could starve a task the child needs (the relay forwarding
+/// the agent's enrollment, say); bounded: a child that never prints fails the scenario (with its
+/// seed) instead of hanging it.
+async fn bounded<T: Send + 'static>(
     what: &str,
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(CHILD_TIMEOUT)
-        .map_err(|_| anyhow::anyhow!("{what} did not finish within {CHILD_TIMEOUT:?}"))?
+    match tokio::time::timeout(CHILD_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(anyhow::anyhow!("{what} panicked: {e}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "{what} did not finish within {CHILD_TIMEOUT:?}"
+        )),
+    }
 }
 
 /// Starts `bin args...` and reads its stdout until a line starting with each of `prefixes`;
 /// returns the rest of each such line.
-fn spawn(bin: &str, args: &[String], prefixes: &[&str]) -> anyhow::Result<(Proc, Vec<String>)> {
+async fn spawn(
+    bin: &str,
+    args: &[String],
+    prefixes: &[&str],
+) -> anyhow::Result<(Proc, Vec<String>)> {
     let (bin, args): (String, Vec<String>) = (bin.to_owned(), args.to_vec());
     let prefixes: Vec<String> = prefixes.iter().map(|p| (*p).to_owned()).collect();
     let what = format!("starting {bin}");
-    bounded(&what, move || spawn_blocking(&bin, &args, &prefixes))
+    bounded(&what, move || spawn_blocking(&bin, &args, &prefixes)).await
 }
 
 fn spawn_blocking(
@@ -102,10 +109,10 @@ fn spawn_blocking(
     Ok((proc, found))
 }
 
-fn run_cli(bin: &str, args: &[String]) -> anyhow::Result<String> {
+async fn run_cli(bin: &str, args: &[String]) -> anyhow::Result<String> {
     let (bin, args): (String, Vec<String>) = (bin.to_owned(), args.to_vec());
     let what = format!("{bin} {}", args.first().cloned().unwrap_or_default());
-    bounded(&what, move || run_cli_blocking(&bin, &args))
+    bounded(&what, move || run_cli_blocking(&bin, &args)).await
 }
 
 fn run_cli_blocking(bin: &str, args: &[String]) -> anyhow::Result<String> {
@@ -172,7 +179,7 @@ impl Plant {
         self.dir.path().join(sub)
     }
 
-    fn start_ofd(
+    async fn start_ofd(
         dir: &Path,
         tcp: &str,
         http: &str,
@@ -189,14 +196,15 @@ impl Plant {
                 dir.join("ofd").display().to_string(),
             ],
             &["ofd listening on "],
-        )?;
+        )
+        .await?;
         let (a, b) = found[0]
             .split_once(" http ")
             .context("ofd line without http")?;
         Ok((p, a.parse()?, b.parse()?))
     }
 
-    fn start_controller(
+    async fn start_controller(
         dir: &Path,
         http: &str,
         quic: &str,
@@ -213,11 +221,12 @@ impl Plant {
                 s(quic),
             ],
             &["quic listening on ", "http listening on "],
-        )?;
+        )
+        .await?;
         Ok((p, found[1].parse()?, found[0].parse()?))
     }
 
-    fn start_sim(&self, control: &str) -> anyhow::Result<(Proc, SocketAddr)> {
+    async fn start_sim(&self, control: &str) -> anyhow::Result<(Proc, SocketAddr)> {
         let (p, found) = spawn(
             "firmware-sim",
             &[
@@ -238,14 +247,17 @@ impl Plant {
                 s(300),
             ],
             &["control listening on "],
-        )?;
+        )
+        .await?;
         Ok((p, found[0].parse()?))
     }
 
     async fn start(registers: usize) -> anyhow::Result<Plant> {
         let dir = tempfile::tempdir()?;
-        let (ofd, ofd_tcp, ofd_http) = Self::start_ofd(dir.path(), "127.0.0.1:0", "127.0.0.1:0")?;
-        let (ctl, http, quic) = Self::start_controller(dir.path(), "127.0.0.1:0", "127.0.0.1:0")?;
+        let (ofd, ofd_tcp, ofd_http) =
+            Self::start_ofd(dir.path(), "127.0.0.1:0", "127.0.0.1:0").await?;
+        let (ctl, http, quic) =
+            Self::start_controller(dir.path(), "127.0.0.1:0", "127.0.0.1:0").await?;
         let data = dir.path().join("controller").display().to_string();
         run_cli(
             "controller",
@@ -263,7 +275,8 @@ impl Plant {
                 s("--inn"),
                 s(DEMO_INN),
             ],
-        )?;
+        )
+        .await?;
         let relay = Relay::start(quic).await?;
         let token_out = run_cli(
             "controller",
@@ -275,7 +288,8 @@ impl Plant {
                 s("--http"),
                 s(http),
             ],
-        )?;
+        )
+        .await?;
         let token = token_out
             .lines()
             .last()
@@ -294,7 +308,8 @@ impl Plant {
                 s("--data"),
                 agent_dir.display().to_string(),
             ],
-        )?;
+        )
+        .await?;
         let agent = AgentProcess::spawn(&agent_dir, None, &[])?;
         let admin = std::fs::read_to_string(dir.path().join("controller").join("admin.secret"))?
             .trim()
@@ -318,7 +333,7 @@ impl Plant {
                 .timeout(Duration::from_secs(10))
                 .build()?,
         };
-        let (sim, control) = plant.start_sim("127.0.0.1:0")?;
+        let (sim, control) = plant.start_sim("127.0.0.1:0").await?;
         plant.sim = Some(sim);
         plant.control = control;
         let zns = plant.wait_registers_online().await?;
@@ -401,8 +416,9 @@ impl Plant {
         self.ctl = None;
     }
 
-    fn restart_controller(&mut self) -> anyhow::Result<()> {
-        let (p, _, _) = Self::start_controller(self.dir.path(), &s(self.http), &s(self.quic))?;
+    async fn restart_controller(&mut self) -> anyhow::Result<()> {
+        let (p, _, _) =
+            Self::start_controller(self.dir.path(), &s(self.http), &s(self.quic)).await?;
         self.ctl = Some(p);
         Ok(())
     }
@@ -411,8 +427,8 @@ impl Plant {
         self.sim = None;
     }
 
-    fn restart_sim(&mut self) -> anyhow::Result<()> {
-        let (p, _) = self.start_sim(&s(self.control))?;
+    async fn restart_sim(&mut self) -> anyhow::Result<()> {
+        let (p, _) = self.start_sim(&s(self.control)).await?;
         self.sim = Some(p);
         Ok(())
     }
@@ -421,8 +437,9 @@ impl Plant {
         self.ofd = None;
     }
 
-    fn restart_ofd(&mut self) -> anyhow::Result<()> {
-        let (p, _, _) = Self::start_ofd(self.dir.path(), &s(self.ofd_tcp), &s(self.ofd_http))?;
+    async fn restart_ofd(&mut self) -> anyhow::Result<()> {
+        let (p, _, _) =
+            Self::start_ofd(self.dir.path(), &s(self.ofd_tcp), &s(self.ofd_http)).await?;
         self.ofd = Some(p);
         Ok(())
     }
@@ -811,12 +828,12 @@ async fn run_scenario(name: &str, faults: &[Fault], seconds: u64) {
             Fault::KillController => {
                 plant.kill_controller();
                 tokio::time::sleep(outage).await;
-                plant.restart_controller().unwrap();
+                plant.restart_controller().await.unwrap();
             }
             Fault::KillSimulator => {
                 plant.kill_sim();
                 tokio::time::sleep(outage).await;
-                plant.restart_sim().unwrap();
+                plant.restart_sim().await.unwrap();
             }
             Fault::CutLink => {
                 plant.relay.cut();
@@ -863,7 +880,7 @@ async fn run_scenario(name: &str, faults: &[Fault], seconds: u64) {
             Fault::OfdDown => {
                 plant.kill_ofd();
                 tokio::time::sleep(outage * 2).await;
-                plant.restart_ofd().unwrap();
+                plant.restart_ofd().await.unwrap();
             }
         }
         injected.push(format!("{fault:?}"));
