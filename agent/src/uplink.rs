@@ -66,6 +66,35 @@ pub async fn run(agent: Arc<Agent>, max_backoff: Duration, idle: Duration) {
     }
 }
 
+/// Bytes of held jobs per `HeldJobs` frame: well under the frame limit, whatever the ids' length.
+const HELD_JOBS_PER_FRAME_BYTES: usize = protocol::tunnel::MAX_FRAME / 2;
+
+/// When the hello with every held job would not fit in one frame, moves the jobs out of it into
+/// chunks that each fit (sent first, as `HeldJobs`). An agent holding many jobs — a long outage
+/// with a big journal — must still be able to say hello: the controller reconciles against the
+/// full list, and cannot be given a partial one.
+fn split_summary(hello: &mut AgentHello) -> Vec<Vec<protocol::tunnel::HeldJob>> {
+    if encode_frame(&AgentMessage::Hello(hello.clone())).is_ok() {
+        return Vec::new();
+    }
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    let mut size = 0;
+    for job in std::mem::take(&mut hello.journal.jobs) {
+        let len = postcard::to_allocvec(&job).map_or(0, |v| v.len());
+        if size + len > HELD_JOBS_PER_FRAME_BYTES && !chunk.is_empty() {
+            chunks.push(std::mem::take(&mut chunk));
+            size = 0;
+        }
+        size += len;
+        chunk.push(job);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
 async fn write(send: &mut quinn::SendStream, msg: &AgentMessage) -> Result<(), SessionError> {
     let frame = encode_frame(msg).map_err(|e| SessionError::Protocol(e.to_string()))?;
     send.write_all(&frame).await.map_err(conn_err)
@@ -103,6 +132,10 @@ async fn session(agent: &Arc<Agent>, idle: Duration) -> Result<(), SessionError>
         software: format!("agent {VERSION}"),
         journal: agent.journal().summary(),
     };
+    let mut hello = hello;
+    for chunk in split_summary(&mut hello) {
+        write(&mut send, &AgentMessage::HeldJobs(chunk)).await?;
+    }
     write(&mut send, &AgentMessage::Hello(hello)).await?;
     // With mutual TLS over TLS 1.3 a refused certificate shows up here, on the first read.
     let controller = match read(&mut recv).await? {

@@ -571,3 +571,43 @@ async fn register_status_detach_settings_and_revocation() {
     let reason = again.closed_reason().await;
     assert!(reason.contains("revoked"), "{reason}");
 }
+
+/// A journal summary too big for one frame arrives in `HeldJobs` frames before the hello; the
+/// controller reconciles against the whole list (a job named only in those frames is not
+/// released), and only after the hello.
+#[tokio::test]
+async fn held_jobs_sent_before_the_hello_count_as_held() {
+    let c = start().await;
+    let mut events = c.tunnel.subscribe();
+    let (creds, mut agent) = online_agent(&c, "shelf", "K1").await;
+    c.tunnel.dispatch("j1", "K1", work(1)).await.unwrap();
+    expect_dispatch(&mut agent).await;
+    c.tunnel.dispatch("j2", "K1", work(2)).await.unwrap();
+    expect_dispatch(&mut agent).await;
+    agent.conn.close(0u32.into(), b"cut");
+    wait_for(&mut events, |e| {
+        matches!(e, TunnelEvent::AgentDisconnected { .. })
+    })
+    .await;
+
+    let mut again = connect(c.addr(), c.ca_der(), Some(&creds)).await.unwrap();
+    again
+        .send(&AgentMessage::HeldJobs(vec![HeldJob {
+            job: "j1".into(),
+            attempt: 1,
+            kkt: "K1".into(),
+        }]))
+        .await
+        .unwrap();
+    again.hello(1, JournalSummary::default()).await;
+    wait_for(
+        &mut events,
+        |e| matches!(e, TunnelEvent::JobReleased { job, .. } if job == "j2"),
+    )
+    .await;
+    assert!(
+        c.tunnel.job("j1").unwrap().unwrap().state.in_flight(),
+        "j1 was listed before the hello: still the agent's"
+    );
+    assert_eq!(c.tunnel.job("j2").unwrap().unwrap().state, JobState::Queued);
+}

@@ -75,6 +75,10 @@ pub enum AgentMessage {
     Renew {
         csr_pem: String,
     },
+    /// Part of the journal summary, sent *before* the hello when the summary does not fit in one
+    /// frame: the controller adds these jobs to the hello's and reconciles only once the hello
+    /// itself arrives, so it never releases a job on a partial list.
+    HeldJobs(Vec<HeldJob>),
 }
 
 /// Messages from the controller.

@@ -22,6 +22,10 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+/// Most jobs an agent may announce as held: ten times the agent's default journal limit, far
+/// above anything a real journal holds, and a bound on what a misbehaving peer can make us keep.
+const MAX_HELD_JOBS: usize = 1_000_000;
+
 /// Application close codes (the reason text says more).
 pub mod close_code {
     use quinn::VarInt;
@@ -147,17 +151,37 @@ async fn serve_tunnel(inner: Arc<Inner>, conn: Connection) {
     let opened = tokio::time::timeout(timeout, async {
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
-        let hello: AgentMessage = match read_frame(&mut recv, &mut buf).await {
-            Ok(h) => h,
-            // A hello from another protocol version may not decode as ours; name the version
-            // when it can be read, so the log says "update the agent" rather than "garbage".
-            Err(ReadFrameError::Frame(FrameError::Decode(e))) => {
-                return Err(match peek_hello_version(&buf) {
-                    Some(v) if v != TUNNEL_VERSION => FrameError::Version(v).to_string(),
-                    _ => FrameError::Decode(e).to_string(),
-                })
+        // A summary too big for one frame comes first, in `HeldJobs` frames; the hello ends it.
+        let mut held = Vec::new();
+        let hello: AgentMessage = loop {
+            match read_frame(&mut recv, &mut buf).await {
+                Ok(AgentMessage::HeldJobs(jobs)) => {
+                    if held.len() + jobs.len() > MAX_HELD_JOBS {
+                        return Err(format!(
+                            "more than {MAX_HELD_JOBS} held jobs announced before the hello"
+                        ));
+                    }
+                    held.extend(jobs);
+                }
+                Ok(h) => break h,
+                // A hello from another protocol version may not decode as ours; name the
+                // version when it can be read, so the log says "update the agent" rather than
+                // "garbage".
+                Err(ReadFrameError::Frame(FrameError::Decode(e))) => {
+                    return Err(match peek_hello_version(&buf) {
+                        Some(v) if v != TUNNEL_VERSION => FrameError::Version(v).to_string(),
+                        _ => FrameError::Decode(e).to_string(),
+                    })
+                }
+                Err(e) => return Err(e.to_string()),
             }
-            Err(e) => return Err(e.to_string()),
+        };
+        let hello = match hello {
+            AgentMessage::Hello(mut h) => {
+                h.journal.jobs.extend(held);
+                AgentMessage::Hello(h)
+            }
+            other => other,
         };
         Ok::<_, String>((send, recv, hello))
     })
@@ -405,8 +429,8 @@ async fn read_loop(
             }
         };
         let report = match msg {
-            AgentMessage::Hello(_) => {
-                let reason = "a second hello on the same connection";
+            AgentMessage::Hello(_) | AgentMessage::HeldJobs(_) => {
+                let reason = "a second hello (or its held jobs) on the same connection";
                 reject(inner, conn, Some(agent), close_code::PROTOCOL, reason);
                 return reason.into();
             }

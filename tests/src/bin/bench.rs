@@ -68,10 +68,9 @@ enum Scenario {
     Replay {
         #[arg(long, default_value_t = 8)]
         registers: usize,
-        /// Jobs accepted before the cut; their results are buffered, then replayed. Above about
-        /// 8,700 the agent cannot reconnect: the hello listing its unacknowledged jobs outgrows
-        /// the tunnel's 256 KiB frame limit.
-        #[arg(long, default_value_t = 5_000)]
+        /// Jobs accepted before the cut; their results are buffered, then replayed (more than
+        /// one frame's worth exercises the split hello: `HeldJobs` frames before it).
+        #[arg(long, default_value_t = 12_000)]
         jobs: usize,
     },
     /// Agent and controller RSS with N registers attached; release binary sizes.
