@@ -448,14 +448,6 @@ impl Plant {
 /// Receipts the shop sent, by InvoiceId: the ReceiptId once acknowledged.
 type Ledger = Arc<Mutex<BTreeMap<String, Option<String>>>>;
 
-fn receipt_body(invoice: &str, n: u64) -> Value {
-    let price = 100 + (n % 900);
-    json!({"Request": {
-        "Inn": DEMO_INN, "Type": "Income", "InvoiceId": invoice,
-        "CustomerReceipt": {"TaxationSystem": "Common", "Items": [
-            {"Label": format!("Товар {n}"), "Price": price, "Quantity": 1, "Amount": price, "Vat": "Vat20"}]}}})
-}
-
 /// The id in a 1019 answer (`--<ReceiptId>--`).
 fn existing_id(message: &str) -> Option<String> {
     let start = message.rfind("--")?;
@@ -474,10 +466,10 @@ enum Sent {
     Retry,
 }
 
-async fn send(client: &reqwest::Client, base: &str, token: &str, invoice: &str, n: u64) -> Sent {
+async fn send(client: &reqwest::Client, base: &str, token: &str, invoice: &str) -> Sent {
     let Ok(r) = client
         .post(format!("{base}/api/kkt/cloud/receipt?AuthToken={token}"))
-        .json(&receipt_body(invoice, n))
+        .json(&system_tests::stack::receipt_request(invoice))
         .send()
         .await
     else {
@@ -517,7 +509,7 @@ fn load(
     plant: &Plant,
     clients: usize,
     token: String,
-    stop: Arc<tokio::sync::Notify>,
+    stop: tokio::sync::watch::Receiver<bool>,
     ledger: Ledger,
     seed: u64,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -534,17 +526,16 @@ fn load(
             tokio::spawn(async move {
                 let mut token = Some(first);
                 let mut n = 0u64;
-                loop {
-                    let stopped = stop.notified();
-                    tokio::pin!(stopped);
-                    stopped.as_mut().enable();
+                let mut stop = stop;
+                // A watch, not a Notify: a stop that lands between two rounds must not be missed.
+                while !*stop.borrow() {
                     if token.is_none() {
                         token = login(&client, &base).await;
                     }
                     if let Some(t) = token.clone() {
                         let invoice = format!("s{seed}-c{c}-{n}");
                         ledger.lock().unwrap().insert(invoice.clone(), None);
-                        match send(&client, &base, &t, &invoice, n).await {
+                        match send(&client, &base, &t, &invoice).await {
                             Sent::Id(id) => {
                                 ledger.lock().unwrap().insert(invoice, Some(id));
                             }
@@ -556,7 +547,7 @@ fn load(
                         n += 1;
                     }
                     tokio::select! {
-                        _ = &mut stopped => return,
+                        _ = stop.changed() => {}
                         _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                     }
                 }
@@ -586,9 +577,8 @@ async fn settle_unacknowledged(plant: &Plant, ledger: &Ledger) -> anyhow::Result
         .map(|(inv, _)| inv.clone())
         .collect();
     for invoice in pending {
-        let n: u64 = invoice.rsplit('-').next().unwrap().parse().unwrap();
         loop {
-            if let Sent::Id(id) = send(&plant.client, &base, &token, &invoice, n).await {
+            if let Sent::Id(id) = send(&plant.client, &base, &token, &invoice).await {
                 ledger.lock().unwrap().insert(invoice.clone(), Some(id));
                 break;
             }
@@ -804,11 +794,11 @@ async fn run_scenario(name: &str, faults: &[Fault], seconds: u64) {
         .map(|k| k["zn"].as_str().unwrap().to_owned())
         .collect();
     let ledger: Ledger = Arc::default();
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let token = login(&plant.client, &format!("http://{}", plant.http))
         .await
         .expect("login before the load");
-    let clients = load(&plant, 4, token, stop.clone(), ledger.clone(), seed);
+    let clients = load(&plant, 4, token, stop_rx, ledger.clone(), seed);
     let until = Instant::now() + Duration::from_secs(seconds);
     let mut injected: Vec<String> = Vec::new();
     let mut fn_full_used = false;
@@ -885,7 +875,7 @@ async fn run_scenario(name: &str, faults: &[Fault], seconds: u64) {
         }
         injected.push(format!("{fault:?}"));
     }
-    stop.notify_waiters();
+    let _ = stop.send(true);
     for c in clients {
         let _ = c.await;
     }
