@@ -23,7 +23,7 @@ use crate::tunnel::{create_enroll_token, DEFAULT_TOKEN_TTL};
 use axum::body::Bytes;
 use axum::extract::Query;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -216,19 +216,9 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
             ),
         )
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(unauthorized)?;
-    let hash = sha256(presented.as_bytes());
+    let presented = crate::auth::bearer(headers).ok_or_else(unauthorized)?;
     // Constant time over the hash, so response timing says nothing about the secret.
-    let diff = hash
-        .iter()
-        .zip(state.inner.admin_hash.iter())
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if diff == 0 {
+    if crate::auth::same_digest(&sha256(presented.as_bytes()), &state.inner.admin_hash) {
         Ok(())
     } else {
         Err(unauthorized())

@@ -618,12 +618,7 @@ fn bearer_session<L: Ledger>(
     state: &ApiState<L>,
     headers: &HeaderMap,
 ) -> Result<Session, NativeError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(NativeError::unauthorized)?;
+    let token = crate::auth::bearer(headers).ok_or_else(NativeError::unauthorized)?;
     match state.store.session(&secret_hash(token), unix_ms()) {
         Ok(Some(s)) => Ok(s),
         Ok(None) => Err(NativeError::unauthorized()),
@@ -764,7 +759,6 @@ pub fn native_kkts_of(dispatcher: &Dispatcher, inn_filter: Option<&[String]>) ->
         })
         .map(|r| {
             let s = r.state.as_ref();
-            let reg_now = (unix_ms() as i64 + r.clock_offset_ms) / 1000;
             NativeKkt {
                 zn: r.zn.clone(),
                 agent: r.agent.clone(),
@@ -782,9 +776,7 @@ pub fn native_kkts_of(dispatcher: &Dispatcher, inn_filter: Option<&[String]>) ->
                 }),
                 fn_valid_until: s.map(|s| s.fn_info.valid_until),
                 unsent: s.map(|s| s.ofd.unsent_count),
-                oldest_unsent_secs: s
-                    .and_then(|s| s.ofd.first_unsent_date_time)
-                    .map(|t| (reg_now - i64::from(t)).max(0)),
+                oldest_unsent_secs: r.oldest_unsent_secs(unix_ms()),
             }
         })
         .collect()
@@ -835,17 +827,8 @@ async fn native_kkts<L: Ledger>(
 
 async fn metrics<L: Ledger>(State(state): State<ApiState<L>>, headers: HeaderMap) -> Response {
     if let Some(expected) = state.operator {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| secret_hash(t.trim()));
-        let same = presented.is_some_and(|p| {
-            p.iter()
-                .zip(expected.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-        });
+        let same = crate::auth::bearer(&headers)
+            .is_some_and(|t| crate::auth::same_digest(&secret_hash(t), &expected));
         if !same {
             return NativeError {
                 status: StatusCode::UNAUTHORIZED,
@@ -869,14 +852,7 @@ async fn metrics<L: Ledger>(State(state): State<ApiState<L>>, headers: HeaderMap
         .iter()
         .filter_map(|r| {
             let s = r.state.as_ref()?;
-            let reg_now = (now as i64 + r.clock_offset_ms) / 1000;
-            Some((
-                r.zn.clone(),
-                s.ofd.unsent_count,
-                s.ofd
-                    .first_unsent_date_time
-                    .map(|t| (reg_now - i64::from(t)).max(0)),
-            ))
+            Some((r.zn.clone(), s.ofd.unsent_count, r.oldest_unsent_secs(now)))
         })
         .collect();
     let gauges = Gauges {

@@ -223,6 +223,15 @@ pub struct RegisterReport {
     pub clock_offset_ms: i64,
 }
 
+impl RegisterReport {
+    /// Age of the register's oldest document not yet delivered to the OFD, by its own clock.
+    pub fn oldest_unsent_secs(&self, now_ms: u64) -> Option<i64> {
+        let first = self.state.as_ref()?.ofd.first_unsent_date_time?;
+        let reg_now = (now_ms as i64 + self.clock_offset_ms).div_euclid(1000);
+        Some((reg_now - i64::from(first)).max(0))
+    }
+}
+
 /// The balancer's state. See the module doc for its rules.
 #[derive(Debug, Default)]
 pub struct Balancer {

@@ -252,24 +252,29 @@ fn resync(inner: &Arc<Inner>) {
     }
 }
 
+/// The register's state as the tunnel last applied it (the event only names the register).
+fn fresh_state(inner: &Inner, kkt: &str) -> Option<protocol::tunnel::KktState> {
+    inner.tunnel.online_kkt(kkt).and_then(|k| k.state)
+}
+
 fn on_event(inner: &Arc<Inner>, event: TunnelEvent) {
     let now = unix_ms();
     match event {
         TunnelEvent::KktAttached { agent, kkt } => {
             let mut b = inner.lock();
             b.online(&kkt, &agent);
-            if let Some(state) = inner.tunnel.online_kkt(&kkt).and_then(|k| k.state) {
+            if let Some(state) = fresh_state(inner, &kkt) {
                 b.status(&kkt, state, now);
             }
         }
         TunnelEvent::KktStatus { kkt, .. } => {
-            if let Some(state) = inner.tunnel.online_kkt(&kkt).and_then(|k| k.state) {
+            if let Some(state) = fresh_state(inner, &kkt) {
                 inner.lock().status(&kkt, state, now);
             }
         }
         TunnelEvent::KktEvent { kkt, event, .. } => {
             if matches!(*event, protocol::kkt::Event::StatusChanged(_)) {
-                if let Some(state) = inner.tunnel.online_kkt(&kkt).and_then(|k| k.state) {
+                if let Some(state) = fresh_state(inner, &kkt) {
                     inner.lock().status(&kkt, state, now);
                 }
             }

@@ -885,14 +885,6 @@ async fn register_own_time(n: usize) -> anyhow::Result<Vec<Duration>> {
     Ok(times)
 }
 
-/// A Ferma create-receipt body: one item, total 301.00 ₽, the minimal shape CMS modules send.
-fn ferma_receipt(invoice: &str) -> String {
-    format!(
-        r#"{{"Request":{{"Inn":"{}","Type":"Income","InvoiceId":"{invoice}","LocalDate":"04.12.2026 12:00:00","CustomerReceipt":{{"TaxationSystem":"Common","Email":"buyer@example.ru","Items":[{{"Label":"Чай зелёный","Price":150.50,"Quantity":2,"Amount":301.00,"Vat":"Vat20"}}]}}}}}}"#,
-        fixtures::DEMO_INN
-    )
-}
-
 /// Posts `receipts` receipts from `clients` concurrent clients; returns each acknowledgement's
 /// latency and the ids, and fails on any refusal.
 async fn post_receipts(
@@ -922,7 +914,7 @@ async fn post_receipts(
                 let resp = http
                     .post(&url)
                     .header("content-type", "application/json")
-                    .body(ferma_receipt(&format!("{tag}-{n}")))
+                    .body(system_tests::stack::receipt_request(&format!("{tag}-{n}")).to_string())
                     .send()
                     .await?;
                 let status = resp.status();
