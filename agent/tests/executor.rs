@@ -52,6 +52,7 @@ async fn rig_with_limit(limit: usize) -> Rig {
                 latency_ms: 0,
                 default_ofd: None,
                 capacity: None,
+                ffd: protocol::kkt::FfdVersion::V1_2,
                 max_backoff: Duration::from_millis(100),
             },
         )

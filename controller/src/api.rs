@@ -341,6 +341,10 @@ async fn create_receipt_inner<L: Ledger>(
             &existing.record.id,
         )));
     }
+    let needs = parsed.receipt.requirements();
+    if let Some(m) = state.dispatcher.unservable(&parsed.inn, &needs) {
+        return Err(plain(ferma::unservable(&parsed.inn, &m)));
+    }
     let admission = match state.dispatcher.admit(&parsed.inn, state.config.max_queue) {
         Ok(a) => a,
         Err(depth) => {
@@ -358,7 +362,6 @@ async fn create_receipt_inner<L: Ledger>(
         }
     };
     let id = uuid::Uuid::new_v4().to_string();
-    let taxation = parsed.receipt.taxation;
     let params = ReceiptParams {
         receipt: parsed.receipt,
         additional_attribute: None,
@@ -389,7 +392,7 @@ async fn create_receipt_inner<L: Ledger>(
                 place.clone(),
                 Waiting {
                     job: job_id,
-                    taxation,
+                    needs,
                     avoid: None,
                 },
             );

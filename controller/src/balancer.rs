@@ -8,10 +8,12 @@
 //! dispatch to a register that cannot take it comes back as `NotFiscalized` or `Refused`.
 //!
 //! # Rules (DESIGN.md §4)
-//! * A job goes only to a register online, registered for the job's INN with the job's taxation
-//!   system, in fiscal mode (FN phase 3), with no FN block or end-of-life warning, FN headroom
-//!   and validity above the configured margins, paper in, cover closed, an open shift that is not
-//!   being rotated, and no fault reported by its last answer.
+//! * A job goes only to a register online, registered for the job's INN, whose registration
+//!   and FN allow the receipt ([`Requirements`]: taxation system; internet mode, which prints
+//!   nothing and so needs the buyer's contact; FFD version), in fiscal mode (FN phase 3), with no
+//!   FN block or end-of-life warning, FN headroom and validity above the configured margins,
+//!   paper in, cover closed, an open shift that is not being rotated, and no fault reported by
+//!   its last answer.
 //! * Among those: fewest jobs in flight, then most FN headroom; at most `max_in_flight` each.
 //! * A job that failed on a register prefers any other eligible register next time.
 //! * Queues are FIFO per INN by the order given at acceptance; a job that came back keeps its
@@ -24,8 +26,8 @@
 //!   reason an operator can read; it comes back only when its status says otherwise (FN replaced).
 
 use crate::rules::QueuePlace;
-use protocol::kkt::{ErrorCode, KktError, ShiftState};
-use protocol::receipt::TaxationSystem;
+use protocol::kkt::{ErrorCode, FfdVersion, KktError, ShiftState};
+use protocol::receipt::{Mismatch, Requirements, TaxationSystem};
 use protocol::tunnel::{JobId, KktState};
 use std::collections::{BTreeMap, HashMap};
 
@@ -80,7 +82,8 @@ impl Default for BalancerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Waiting {
     pub job: JobId,
-    pub taxation: TaxationSystem,
+    /// What the register's registration and FN must allow ([`protocol::receipt::Receipt::requirements`]).
+    pub needs: Requirements,
     /// The register the last attempt failed on.
     pub avoid: Option<String>,
 }
@@ -584,21 +587,27 @@ impl Balancer {
 
     fn dispatch_inn(&mut self, inn: &str, now_ms: u64, actions: &mut Vec<Action>) {
         let cfg = self.config.clone();
-        // Candidates for this INN with their free slots, whatever the job's taxation.
-        let mut cands: Vec<(String, usize, u32, Vec<TaxationSystem>)> = self
+        // Ready registers of this INN with their load, whatever each job needs.
+        let mut cands: Vec<Candidate> = self
             .registers
             .iter()
             .filter_map(|(zn, r)| {
-                let reg = r.state.as_ref()?.fn_info.registration.as_ref()?;
+                let s = r.state.as_ref()?;
+                let reg = s.fn_info.registration.as_ref()?;
                 if reg.user_inn != inn || pool_state(r, &cfg, now_ms) != PoolState::Ready {
                     return None;
                 }
-                let s = r.state.as_ref()?;
-                let headroom = s
-                    .fn_info
-                    .documents_capacity
-                    .saturating_sub(s.fn_info.documents_used);
-                Some((zn.clone(), r.held, headroom, reg.taxation_systems.clone()))
+                Some(Candidate {
+                    zn: zn.clone(),
+                    held: r.held,
+                    headroom: s
+                        .fn_info
+                        .documents_capacity
+                        .saturating_sub(s.fn_info.documents_used),
+                    taxation: reg.taxation_systems.clone(),
+                    internet: reg.internet,
+                    ffd: s.fn_info.ffd_version,
+                })
             })
             .collect();
         if cands.is_empty() {
@@ -609,20 +618,25 @@ impl Balancer {
         };
         let mut chosen: Vec<(u64, JobId, String)> = Vec::new();
         for (order, w) in queue.iter().take(cfg.scan_depth) {
-            let fits = |c: &(String, usize, u32, Vec<TaxationSystem>)| c.3.contains(&w.taxation);
+            let fits = |c: &Candidate| w.needs.check(&c.taxation, c.internet, c.ffd).is_ok();
             let others = cands
                 .iter()
-                .any(|c| fits(c) && Some(&c.0) != w.avoid.as_ref());
+                .any(|c| fits(c) && Some(&c.zn) != w.avoid.as_ref());
             let best = cands
                 .iter_mut()
-                .filter(|c| fits(c) && c.1 < cfg.max_in_flight)
-                .filter(|c| !others || Some(&c.0) != w.avoid.as_ref())
-                .min_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+                .filter(|c| fits(c) && c.held < cfg.max_in_flight)
+                .filter(|c| !others || Some(&c.zn) != w.avoid.as_ref())
+                .min_by(|a, b| {
+                    a.held
+                        .cmp(&b.held)
+                        .then(b.headroom.cmp(&a.headroom))
+                        .then(a.zn.cmp(&b.zn))
+                });
             if let Some(c) = best {
-                c.1 += 1;
-                chosen.push((*order, w.job.clone(), c.0.clone()));
+                c.held += 1;
+                chosen.push((*order, w.job.clone(), c.zn.clone()));
             }
-            if cands.iter().all(|c| c.1 >= cfg.max_in_flight) {
+            if cands.iter().all(|c| c.held >= cfg.max_in_flight) {
                 break;
             }
         }
@@ -640,6 +654,30 @@ impl Balancer {
         if self.queues.get(inn).is_some_and(BTreeMap::is_empty) {
             self.queues.remove(inn);
         }
+    }
+
+    /// Why no register of `inn` could ever take a receipt with `needs`, judged by what the
+    /// registrations and FNs allow (not by paper, shifts or load, which pass). `None` when one
+    /// could, or when no register of the INN is known yet: a register may still be attached.
+    pub fn unservable(&self, inn: &str, needs: &Requirements) -> Option<Mismatch> {
+        let mut first = None;
+        for s in self.registers.values().filter_map(|r| r.state.as_ref()) {
+            let Some(reg) = s
+                .fn_info
+                .registration
+                .as_ref()
+                .filter(|g| g.user_inn == inn)
+            else {
+                continue;
+            };
+            match needs.check(&reg.taxation_systems, reg.internet, s.fn_info.ffd_version) {
+                Ok(()) => return None,
+                Err(m) => {
+                    first.get_or_insert(m);
+                }
+            }
+        }
+        first
     }
 
     // ---- views -----------------------------------------------------------------------------
@@ -666,6 +704,18 @@ impl Balancer {
     pub fn held(&self) -> usize {
         self.held.len()
     }
+}
+
+/// A ready register as one dispatch round sees it.
+struct Candidate {
+    zn: String,
+    /// Jobs in flight, counting those chosen in this round.
+    held: usize,
+    /// FN documents left.
+    headroom: u32,
+    taxation: Vec<TaxationSystem>,
+    internet: bool,
+    ffd: FfdVersion,
 }
 
 /// Moscow time, in which a shop's "daily close at 03:00" is meant (UTC+3, no daylight saving).
@@ -880,10 +930,19 @@ mod tests {
         }
     }
 
+    /// A receipt under the common system with the buyer's e-mail, any FFD.
+    fn needs() -> Requirements {
+        Requirements {
+            taxation: TaxationSystem::Common,
+            needs_paper: false,
+            ffd: None,
+        }
+    }
+
     fn job(id: &str) -> Waiting {
         Waiting {
             job: id.into(),
-            taxation: TaxationSystem::Common,
+            needs: needs(),
             avoid: None,
         }
     }
@@ -992,6 +1051,87 @@ mod tests {
         );
         assert_eq!(b.depth(INN), 0);
         assert_eq!(b.held(), 1);
+    }
+
+    /// Internet mode and FFD route receipts like the taxation system does: a receipt without a
+    /// buyer contact only to a register that prints, a 22 % VAT receipt only to an FFD 1.2 FN; a
+    /// receipt that fits no register waits without blocking the ones behind it.
+    #[test]
+    fn registration_flags_and_ffd_route_each_receipt() {
+        let printing_old = {
+            let mut s = state("p", INN);
+            s.fn_info.registration.as_mut().unwrap().internet = false;
+            s.fn_info.ffd_version = FfdVersion::V1_05;
+            s
+        };
+        let internet_new = state("i", INN);
+        let mut b = with(&[("p", printing_old), ("i", internet_new)]);
+        let paper = Requirements {
+            needs_paper: true,
+            ..needs()
+        };
+        let vat22 = Requirements {
+            ffd: Some((FfdVersion::V1_2, "items[0].vat".into())),
+            ..needs()
+        };
+        let both = Requirements {
+            needs_paper: true,
+            ffd: Some((FfdVersion::V1_2, "items[0].vat".into())),
+            ..needs()
+        };
+        for (order, (id, needs)) in [
+            ("both", both.clone()),
+            ("paper-1", paper.clone()),
+            ("vat22-1", vat22.clone()),
+            ("paper-2", paper.clone()),
+            ("vat22-2", vat22.clone()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            b.enqueue(
+                place(order as u64),
+                Waiting {
+                    job: id.into(),
+                    needs,
+                    avoid: None,
+                },
+            );
+        }
+        let mut d = dispatches(&b.poll(NOW));
+        d.sort();
+        assert_eq!(
+            d,
+            vec![
+                ("paper-1".to_string(), "p".to_string()),
+                ("paper-2".to_string(), "p".to_string()),
+                ("vat22-1".to_string(), "i".to_string()),
+                ("vat22-2".to_string(), "i".to_string()),
+            ]
+        );
+        assert_eq!(b.depth(INN), 1, "the receipt no register can take waits");
+
+        // The API asks before queueing: one register that fits is enough.
+        assert_eq!(b.unservable(INN, &paper), None);
+        assert_eq!(b.unservable(INN, &vat22), None);
+        // Registers are looked at in ZN order: "i" (internet mode) answers first.
+        assert_eq!(
+            b.unservable(INN, &both).as_ref().map(Mismatch::field),
+            Some("email")
+        );
+        assert_eq!(
+            b.unservable(OTHER_INN, &both),
+            None,
+            "no register known yet"
+        );
+        let patent = Requirements {
+            taxation: TaxationSystem::Patent,
+            ..needs()
+        };
+        assert!(matches!(
+            b.unservable(INN, &patent),
+            Some(Mismatch::Taxation { .. })
+        ));
     }
 
     #[test]

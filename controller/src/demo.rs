@@ -93,6 +93,7 @@ pub async fn run(
                 latency_ms,
                 default_ofd: Some(ofd_endpoint.clone()),
                 capacity: None,
+                ffd: protocol::kkt::FfdVersion::V1_2,
                 max_backoff: Duration::from_secs(2),
             },
         )
@@ -112,8 +113,13 @@ pub async fn run(
     })
     .await
     .context("the simulated registers did not come online through the agent within a minute")?;
+    // Three cloud registers in internet mode and one counter register that prints, so that
+    // receipts without the buyer's e-mail or phone (which an internet-mode register refuses)
+    // have somewhere to go too.
+    let printing = zns.last().cloned();
     for zn in &zns {
-        prepare(&server, zn, &ofd_endpoint).await?;
+        let internet = Some(zn) != printing.as_ref();
+        prepare(&server, zn, &ofd_endpoint, internet).await?;
     }
 
     let base = format!("http://{}", server.http_addr);
@@ -133,9 +139,10 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "  registers     {} behind one agent: {}",
+        "  registers     {} behind one agent: {} (internet mode); {} (prints)",
         zns.len(),
-        zns.join(", ")
+        zns[..zns.len().saturating_sub(1)].join(", "),
+        printing.as_deref().unwrap_or("-")
     )?;
     writeln!(
         out,
@@ -218,6 +225,7 @@ async fn prepare(
     server: &Server,
     zn: &str,
     ofd: &protocol::kkt::OfdEndpoint,
+    internet: bool,
 ) -> anyhow::Result<()> {
     let tunnel = &server.tunnel;
     let state = tunnel
@@ -225,13 +233,16 @@ async fn prepare(
         .and_then(|k| k.state)
         .with_context(|| format!("register {zn} went offline"))?;
     if !state.device.fiscal {
-        let params = fixtures::registration(zn, DEMO_INN, ofd.clone())
-            .map_err(|e| anyhow::anyhow!("registration card of {zn}: {e}"))?;
+        let params = protocol::kkt::RegistrationParams {
+            internet,
+            ..fixtures::registration(zn, DEMO_INN, ofd.clone())
+                .map_err(|e| anyhow::anyhow!("registration card of {zn}: {e}"))?
+        };
         tunnel
             .command(zn, Call::Register(params), COMMAND_TIMEOUT)
             .await
             .with_context(|| format!("registering {zn}"))?;
-        info!(kkt = zn, "registered for the demo INN");
+        info!(kkt = zn, internet, "registered for the demo INN");
     } else {
         tunnel
             .command(zn, Call::SetOfd(ofd.clone()), COMMAND_TIMEOUT)

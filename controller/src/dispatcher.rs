@@ -21,6 +21,7 @@ use crate::store::{Store, StoreError};
 use crate::tunnel::{DispatchError, Tunnel, TunnelEvent};
 use crate::unix_ms;
 use protocol::kkt::{Call, Operator};
+use protocol::receipt::{Mismatch, Requirements};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -63,7 +64,7 @@ pub fn waiting_of(job: &Job) -> Option<(QueuePlace, Waiting)> {
         place,
         Waiting {
             job: job.id.clone(),
-            taxation: job.work.params().receipt.taxation,
+            needs: job.work.params().receipt.requirements(),
             avoid,
         },
     ))
@@ -135,6 +136,12 @@ impl Dispatcher {
             inner: self.inner.clone(),
             inn: inn.to_owned(),
         })
+    }
+
+    /// Why no register of `inn` is registered to take a receipt with `needs` (see
+    /// [`Balancer::unservable`]); the API refuses such a receipt rather than queue it forever.
+    pub fn unservable(&self, inn: &str, needs: &Requirements) -> Option<Mismatch> {
+        self.inner.lock().unservable(inn, needs)
     }
 
     pub fn depth(&self, inn: &str) -> usize {

@@ -19,8 +19,8 @@ use crate::store::{Pending, Store, StoreError, ARCHIVE, META, REGISTERS};
 use futures_util::{SinkExt, StreamExt};
 use protocol::document::{Document, OfdAck};
 use protocol::kkt::{
-    Call, ErrorCode, Event, KktError, KktMessage, OfdAckEvent, OfdEndpoint, Reply, Response,
-    MAX_MESSAGE_BYTES,
+    Call, ErrorCode, Event, FfdVersion, KktError, KktMessage, OfdAckEvent, OfdEndpoint, Reply,
+    Response, MAX_MESSAGE_BYTES,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -77,6 +77,9 @@ pub struct FleetOptions {
     /// OFD used by registers that have none configured yet.
     pub default_ofd: Option<OfdEndpoint>,
     pub capacity: Option<u32>,
+    /// FFD version of every FN the fleet fits (tag 1209). Older drives refuse what only FFD 1.2
+    /// can carry, such as the VAT rates of 2025-2026.
+    pub ffd: FfdVersion,
     /// Cap of the reconnect backoff.
     pub max_backoff: Duration,
 }
@@ -216,7 +219,7 @@ impl Fleet {
         while devices.len() < count {
             let zn = format!("{:016}", base + next);
             next += 1;
-            let mut reg = Register::new(zn.clone(), new_drive(&zn, 0, options.capacity));
+            let mut reg = Register::new(zn.clone(), new_drive(&zn, 0, &options));
             reg.ofd = options.default_ofd.clone();
             created.push((zn.clone(), encode_register(&reg)));
             devices.insert(zn, reg);
@@ -293,7 +296,7 @@ impl Fleet {
             .ok_or_else(|| KktError::new(ErrorCode::FN_NOT_FOUND, "no such register"))?;
         let pending = {
             let mut reg = device.register();
-            let drive = new_drive(zn, reg.drives_replaced + 1, self.options.capacity);
+            let drive = new_drive(zn, reg.drives_replaced + 1, &self.options);
             reg.replace_fn(drive)?;
             self.queue_state(&reg, None)
         };
@@ -307,15 +310,16 @@ impl Fleet {
 /// A new drive for register `zn`. Its number carries the whole numeric part of the ZN (unique per
 /// state directory and, through the random ZN base, across processes) and the drive's generation,
 /// so no two simulated FNs share a number at an OFD.
-fn new_drive(zn: &str, generation: u32, capacity: Option<u32>) -> DriveConfig {
+fn new_drive(zn: &str, generation: u32, options: &FleetOptions) -> DriveConfig {
     let serial = zn.bytes().filter(u8::is_ascii_digit).fold(0u64, |a, b| {
         (a * 10 + u64::from(b - b'0')) % 1_000_000_000_000
     });
     let fn_number = format!("999{}{:012}", generation % 10, serial);
     let mut cfg = DriveConfig::new(fn_number, random_bytes());
-    if let Some(c) = capacity {
+    if let Some(c) = options.capacity {
         cfg.capacity = c;
     }
+    cfg.ffd_version = options.ffd;
     cfg
 }
 

@@ -649,15 +649,15 @@ impl FiscalDrive {
         let r = &p.receipt;
         r.validate()
             .map_err(|e| Self::err(ErrorCode::INVALID_PARAMETER, format!("receipt.{e}")))?;
-        if !reg.taxation_systems.contains(&r.taxation) {
-            return Err(Self::err(
-                ErrorCode::INVALID_PARAMETER,
-                format!(
-                    "receipt.taxation: {:?} is not among the registered taxation systems {:?}",
-                    r.taxation, reg.taxation_systems
-                ),
-            ));
-        }
+        // What the registration (taxation systems, internet mode) and this FN's FFD allow.
+        r.requirements()
+            .check(&reg.taxation_systems, reg.internet, self.config.ffd_version)
+            .map_err(|m| {
+                Self::err(
+                    ErrorCode::INVALID_PARAMETER,
+                    format!("receipt.{}: {m}", m.field()),
+                )
+            })?;
         let total = r.total().unwrap_or_default();
         let doc = FiscalDocument::Receipt(ReceiptRecord {
             seal: self.next_seal(now),

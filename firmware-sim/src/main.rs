@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use firmware_sim::device::{Fleet, FleetOptions};
 use firmware_sim::ofd::{self, Ofd, OFD_INN};
-use protocol::kkt::OfdEndpoint;
+use protocol::kkt::{FfdVersion, OfdEndpoint};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +46,9 @@ enum Command {
         /// Documents an FN holds (default 250000).
         #[arg(long)]
         capacity: Option<u32>,
+        /// FFD version of the registers' FNs: 1.05, 1.1 or 1.2.
+        #[arg(long, default_value = "1.2")]
+        ffd: FfdVersion,
         /// Longest wait between reconnect attempts, in milliseconds.
         #[arg(long, default_value_t = 5000)]
         max_backoff_ms: u64,
@@ -83,6 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ofd,
             control,
             capacity,
+            ffd,
             max_backoff_ms,
         } => {
             if count == 0 {
@@ -101,6 +105,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     port: a.port(),
                 }),
                 capacity,
+                ffd,
                 max_backoff: Duration::from_millis(max_backoff_ms.max(100)),
             };
             let fleet = Arc::new(

@@ -5,8 +5,8 @@
 use crate::drive::{DriveConfig, FiscalDrive, Formed};
 use protocol::document::{Document, FiscalDocument};
 use protocol::kkt::{
-    ArchivedDocument, Call, DeviceStatus, ErrorCode, FfdVersion, FiscalResult, Hello, KktError,
-    OfdEndpoint, OfdExchangeStatus, Reply, ShiftState, LINK_VERSION, MODEL,
+    ArchivedDocument, Call, DeviceStatus, ErrorCode, FiscalResult, Hello, KktError, OfdEndpoint,
+    OfdExchangeStatus, Reply, ShiftState, LINK_VERSION, MODEL,
 };
 use serde::{Deserialize, Serialize};
 
@@ -237,9 +237,6 @@ pub fn archived_document(
         acknowledged,
     })
 }
-
-/// The FFD version this simulator's drives speak.
-pub const FFD: FfdVersion = FfdVersion::V1_2;
 
 #[cfg(test)]
 mod tests {

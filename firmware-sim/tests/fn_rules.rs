@@ -14,8 +14,9 @@ use firmware_sim::register::{archived_document, Register};
 use proptest::prelude::*;
 use protocol::document::{DocumentType, FiscalDocument};
 use protocol::kkt::{
-    Call, ErrorCode, FnWarnings, GetFnDocument, KktError, OfdEndpoint, Operator, ReceiptParams,
-    RegistrationParams, Reply, ReregistrationParams, ReregistrationReason, ShiftState,
+    Call, ErrorCode, FfdVersion, FnWarnings, GetFnDocument, KktError, OfdEndpoint, Operator,
+    ReceiptParams, RegistrationParams, Reply, ReregistrationParams, ReregistrationReason,
+    ShiftState,
 };
 use protocol::receipt::{
     line_amount, CalendarDate, Correction, Item, Kopecks, Measure, PaymentMethod, PaymentSubject,
@@ -52,7 +53,8 @@ fn reg_params() -> RegistrationParams {
         user_inn: INN.into(),
         user_name: "ООО Ромашка".into(),
         taxation_systems: vec![TaxationSystem::Common, TaxationSystem::SimpleIn],
-        internet: true,
+        // A shop's counter register: it prints, so cash sales need no buyer contact.
+        internet: false,
         encryption: false,
         ofd: ofd(7777),
         settlement_address: "г. Москва, ул. Тверская, д. 1".into(),
@@ -1398,6 +1400,72 @@ fn report_x_needs_an_open_shift_and_forms_no_document() {
         r.handle(&Call::ReportX, T0 + 1 + 2 * DAY).reply,
         Ok(Reply::XReport(_))
     ));
+}
+
+/// Internet mode (tag 1108) and the FN's FFD decide what a register may fiscalize, like the
+/// taxation systems: a register that prints nothing needs the buyer's contact, and a drive older
+/// than FFD 1.2 has no code for the VAT rates of 2025-2026.
+#[test]
+fn internet_mode_and_ffd_decide_what_a_register_takes() {
+    for (internet, ffd) in [
+        (true, FfdVersion::V1_2),
+        (false, FfdVersion::V1_2),
+        (false, FfdVersion::V1_05),
+    ] {
+        let mut r = Register::new(
+            ZN.into(),
+            DriveConfig {
+                ffd_version: ffd,
+                ..config()
+            },
+        );
+        handle_ok(
+            &mut r,
+            &Call::Register(RegistrationParams {
+                internet,
+                ..reg_params()
+            }),
+            T0,
+        );
+        handle_ok(&mut r, &Call::OpenShift(op()), T0 + 1);
+
+        let mut no_contact = sale(100, 1000);
+        no_contact.receipt.email = None;
+        no_contact.receipt.phone = None;
+        if internet {
+            let e = register_refuses(
+                &mut r,
+                &Call::Receipt(no_contact.clone()),
+                T0 + 2,
+                ErrorCode::INVALID_PARAMETER,
+                None,
+            );
+            assert!(e.text.starts_with("receipt.email"), "{}", e.text);
+            no_contact.receipt.phone = Some("+79161234567".into());
+        }
+        handle_ok(&mut r, &Call::Receipt(no_contact), T0 + 3);
+
+        let mut vat22 = sale(100, 1000);
+        vat22.receipt.items[0].vat = VatRate::Vat22;
+        vat22.receipt.email = Some("buyer@example.ru".into());
+        if ffd < FfdVersion::V1_2 {
+            let e = register_refuses(
+                &mut r,
+                &Call::Receipt(vat22),
+                T0 + 4,
+                ErrorCode::INVALID_PARAMETER,
+                None,
+            );
+            assert!(e.text.starts_with("receipt.items[0].vat"), "{}", e.text);
+            assert!(e.text.contains("FFD 1.05"), "{}", e.text);
+        } else {
+            let f = handle_ok(&mut r, &Call::Receipt(vat22), T0 + 4);
+            let FiscalDocument::Receipt(doc) = &f.document else {
+                panic!("not a receipt");
+            };
+            assert_eq!(doc.items[0].vat, VatRate::Vat22.code());
+        }
+    }
 }
 
 #[test]

@@ -39,6 +39,7 @@ async fn start(count: usize) -> Bench {
                 latency_ms: 0,
                 default_ofd: None,
                 capacity: None,
+                ffd: protocol::kkt::FfdVersion::V1_2,
                 max_backoff: Duration::from_millis(200),
             },
         )

@@ -13,7 +13,7 @@
 
 use crate::checksum::validate_inn;
 use crate::receipt::{
-    limits, line_amount, AmountError, CalendarDate, Correction, Item, Kopecks, Measure,
+    limits, line_amount, AmountError, CalendarDate, Correction, Item, Kopecks, Measure, Mismatch,
     PaymentMethod, PaymentSubject, Payments, Person, Problem, Quantity, Receipt, ReceiptType,
     TaxationSystem, ValidationError, VatRate,
 };
@@ -1636,6 +1636,28 @@ fn list_date(
 // Validation errors in Ferma terms
 // ---------------------------------------------------------------------------------------------
 
+/// Error 1010 for a receipt that no register of organisation `inn` is registered to take
+/// (see [`crate::receipt::Requirements`]): the shop must change the receipt, or the operator the
+/// registrations; queueing it would leave it NEW forever.
+pub fn unservable(inn: &str, m: &Mismatch) -> FermaError {
+    let paths = Paths {
+        cashier: sub(RQ, "Cashier"),
+        correction: sub(CR, "CorrectionInfo"),
+    };
+    let path = ferma_path(m.field(), &paths);
+    let advice = match m {
+        Mismatch::Taxation { .. } => "send a taxation system they are registered for",
+        Mismatch::NeedsContact => "give the buyer's Email or Phone",
+        Mismatch::Ffd { .. } => {
+            "use a rate the FN supports or move the organisation to FFD 1.2 drives"
+        }
+    };
+    FermaError::validation(
+        path,
+        format!("no register of INN {inn} can take this receipt: {m}; {advice}"),
+    )
+}
+
 fn from_validation(e: &ValidationError, paths: &Paths) -> FermaError {
     problem_error(&e.field, &e.problem, ferma_path(&e.field, paths))
 }
@@ -1657,6 +1679,7 @@ fn ferma_path(field: &str, paths: &Paths) -> String {
         "cashier" => paths.cashier.clone(),
         "correction" => paths.correction.clone(),
         "settlementAddress" => sub(CR, "BillAddress"),
+        "taxation" => sub(CR, "TaxationSystem"),
         other => sub(CR, &pascal(other)),
     };
     match tail {
@@ -1807,6 +1830,8 @@ mod tests {
                 "Request.CustomerReceipt.CorrectionInfo.ReceiptId",
             ),
             ("settlementAddress", "Request.CustomerReceipt.BillAddress"),
+            ("taxation", "Request.CustomerReceipt.TaxationSystem"),
+            ("items[2].vat", "Request.CustomerReceipt.Items[2].Vat"),
             ("settlementPlace", "Request.CustomerReceipt.SettlementPlace"),
         ] {
             assert_eq!(ferma_path(model, &paths), ferma, "{model}");

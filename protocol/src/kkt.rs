@@ -78,6 +78,29 @@ pub enum FfdVersion {
     V1_2,
 }
 
+impl std::fmt::Display for FfdVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::V1_05 => "1.05",
+            Self::V1_1 => "1.1",
+            Self::V1_2 => "1.2",
+        })
+    }
+}
+
+impl std::str::FromStr for FfdVersion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "1.05" => Ok(Self::V1_05),
+            "1.1" => Ok(Self::V1_1),
+            "1.2" => Ok(Self::V1_2),
+            other => Err(format!("FFD {other:?} is not one of 1.05, 1.1, 1.2")),
+        }
+    }
+}
+
 impl FfdVersion {
     /// Tag 1209 value.
     pub fn code(self) -> u8 {

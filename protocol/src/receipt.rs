@@ -6,6 +6,7 @@
 //! instead of failing on a register after the shop has been told "accepted".
 
 use crate::checksum::{validate_inn, InnError};
+use crate::kkt::FfdVersion;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use thiserror::Error;
@@ -721,6 +722,102 @@ impl Receipt {
     }
 }
 
+/// What a register must be registered with, and what its FN must speak, to fiscalize a receipt
+/// (DESIGN.md §4: "whose registration allows the receipt"). One rule for three places: the
+/// balancer routes by it, the API refuses a receipt that no register of the organisation could
+/// ever take (instead of queueing it forever), and the simulated register refuses it as a real one
+/// would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requirements {
+    pub taxation: TaxationSystem,
+    /// No buyer contact (tag 1008): the receipt exists only on paper, so a register registered
+    /// for internet settlements only (tag 1108), which prints nothing, cannot take it.
+    pub needs_paper: bool,
+    /// The oldest FFD that can carry the receipt, with the first field that needs it (model path).
+    /// `None`: any FFD we speak (1.05 and later).
+    pub ffd: Option<(FfdVersion, String)>,
+}
+
+impl Receipt {
+    pub fn requirements(&self) -> Requirements {
+        // Tag 1199 codes 7..=12 (VAT 5 %, 7 %, 22 % and their calculated forms) exist only in
+        // FFD 1.2; an FN speaking 1.05 or 1.1 refuses them.
+        let ffd = self
+            .items
+            .iter()
+            .position(|i| i.vat.code() > 6)
+            .map(|i| (FfdVersion::V1_2, format!("items[{i}].vat")));
+        Requirements {
+            taxation: self.taxation,
+            needs_paper: self.email.is_none() && self.phone.is_none(),
+            ffd,
+        }
+    }
+}
+
+impl Requirements {
+    /// Whether a register registered for `registered` taxation systems, with internet mode
+    /// `internet`, whose FN speaks `ffd`, may fiscalize the receipt.
+    pub fn check(
+        &self,
+        registered: &[TaxationSystem],
+        internet: bool,
+        ffd: FfdVersion,
+    ) -> Result<(), Mismatch> {
+        if !registered.contains(&self.taxation) {
+            return Err(Mismatch::Taxation {
+                receipt: self.taxation,
+                registered: registered.to_vec(),
+            });
+        }
+        if internet && self.needs_paper {
+            return Err(Mismatch::NeedsContact);
+        }
+        if let Some((needs, field)) = &self.ffd {
+            if ffd < *needs {
+                return Err(Mismatch::Ffd {
+                    field: field.clone(),
+                    needs: *needs,
+                    has: ffd,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a register's registration does not allow a receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Mismatch {
+    #[error("taxation system {receipt:?} is not among the registered ones {registered:?}")]
+    Taxation {
+        receipt: TaxationSystem,
+        registered: Vec<TaxationSystem>,
+    },
+    #[error(
+        "the register is registered for internet settlements only (tag 1108) and prints nothing, \
+         so the receipt needs the buyer's e-mail or phone (tag 1008)"
+    )]
+    NeedsContact,
+    #[error("needs FFD {needs}, and the FN speaks FFD {has}")]
+    Ffd {
+        field: String,
+        needs: FfdVersion,
+        has: FfdVersion,
+    },
+}
+
+impl Mismatch {
+    /// The receipt field (model path, as in [`ValidationError::field`]) a shop would change.
+    pub fn field(&self) -> &str {
+        match self {
+            Mismatch::Taxation { .. } => "taxation",
+            Mismatch::NeedsContact => "email",
+            Mismatch::Ffd { field, .. } => field,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -750,6 +847,53 @@ mod tests {
             correction: None,
             settlement_address: None,
             settlement_place: None,
+        }
+    }
+
+    /// Every combination of the receipt's side (VAT rate, contact) and the register's side
+    /// (internet mode, FFD, taxation systems) against the rule written out by hand.
+    #[test]
+    fn requirements_match_registrations_exhaustively() {
+        let ffds = [FfdVersion::V1_05, FfdVersion::V1_1, FfdVersion::V1_2];
+        for vat in VatRate::ALL {
+            for (email, phone) in [
+                (None, None),
+                (Some("a@b.ru"), None),
+                (None, Some("+79990001122")),
+            ] {
+                let mut r = sample();
+                r.items.push(Item {
+                    vat,
+                    ..r.items[0].clone()
+                });
+                r.email = email.map(str::to_owned);
+                r.phone = phone.map(str::to_owned);
+                let needs = r.requirements();
+                let contact = email.is_some() || phone.is_some();
+                for internet in [false, true] {
+                    for ffd in ffds {
+                        for registered in
+                            [vec![TaxationSystem::Common], vec![TaxationSystem::Patent]]
+                        {
+                            let got = needs.check(&registered, internet, ffd);
+                            let expected = if !registered.contains(&TaxationSystem::Common) {
+                                Some("taxation")
+                            } else if internet && !contact {
+                                Some("email")
+                            } else if vat.code() > 6 && ffd < FfdVersion::V1_2 {
+                                Some("items[1].vat")
+                            } else {
+                                None
+                            };
+                            assert_eq!(
+                                got.as_ref().err().map(Mismatch::field),
+                                expected,
+                                "{vat:?} contact={contact} internet={internet} ffd={ffd} {registered:?}: {got:?}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

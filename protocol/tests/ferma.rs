@@ -1400,3 +1400,66 @@ proptest! {
         let _ = parse_local(&s);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Internet settlements and what a registration allows
+// ---------------------------------------------------------------------------------------------
+
+fn without_contact() -> Value {
+    let mut v = minimal();
+    let cr = v["Request"]["CustomerReceipt"].as_object_mut().unwrap();
+    cr.remove("Email");
+    cr.remove("Phone");
+    v
+}
+
+#[test]
+fn a_receipt_no_register_can_take_is_refused_with_the_field_to_change() {
+    let c = accepted(&item_field(without_contact(), 0, "Vat", json!("Vat22")));
+    let needs = c.receipt.requirements();
+    let internet_only = needs
+        .check(
+            &[TaxationSystem::Common],
+            true,
+            protocol::kkt::FfdVersion::V1_2,
+        )
+        .unwrap_err();
+    let e = ferma::unservable(INN, &internet_only);
+    assert_names(&e, codes::VALIDATION, "Request.CustomerReceipt.Email");
+    assert!(
+        e.message.contains(INN) && e.message.contains("Email or Phone"),
+        "{e}"
+    );
+
+    let old_drive = needs
+        .check(
+            &[TaxationSystem::Common],
+            false,
+            protocol::kkt::FfdVersion::V1_05,
+        )
+        .unwrap_err();
+    let e = ferma::unservable(INN, &old_drive);
+    assert_names(
+        &e,
+        codes::VALIDATION,
+        "Request.CustomerReceipt.Items[0].Vat",
+    );
+    assert!(
+        e.message.contains("FFD 1.2") && e.message.contains("FFD 1.05"),
+        "{e}"
+    );
+
+    let patent = needs
+        .check(
+            &[TaxationSystem::Patent],
+            false,
+            protocol::kkt::FfdVersion::V1_2,
+        )
+        .unwrap_err();
+    let e = ferma::unservable(INN, &patent);
+    assert_names(
+        &e,
+        codes::VALIDATION,
+        "Request.CustomerReceipt.TaxationSystem",
+    );
+}

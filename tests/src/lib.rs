@@ -323,6 +323,7 @@ pub mod system {
                 latency_ms,
                 default_ofd: None,
                 capacity: None,
+                ffd: protocol::kkt::FfdVersion::V1_2,
                 max_backoff: Duration::from_millis(200),
             },
         )?);
@@ -372,7 +373,10 @@ pub mod stack {
     use firmware_sim::ofd::Ofd;
     use firmware_sim::register::archived_document;
     use protocol::ferma::{RegistryItem, StatusData};
-    use protocol::kkt::{Call, Event, FiscalResult, OfdEndpoint, Operator, Reply, ShiftState};
+    use protocol::kkt::{
+        Call, Event, FfdVersion, FiscalResult, OfdEndpoint, Operator, RegistrationParams, Reply,
+        ShiftState,
+    };
     use serde_json::{json, Value};
     use std::collections::BTreeMap;
     use std::future::Future;
@@ -411,6 +415,29 @@ pub mod stack {
                 capacity: None,
                 balancer: BalancerConfig::default(),
                 api: ApiConfig::default(),
+            }
+        }
+    }
+
+    /// What registers [`Stack::add_registers_like`] adds.
+    #[derive(Debug, Clone)]
+    pub struct RegisterKind {
+        pub latency_ms: u64,
+        /// FN archive capacity (documents); `None` is the simulator's default.
+        pub capacity: Option<u32>,
+        pub ffd: FfdVersion,
+        /// Registered for internet settlements only (tag 1108): prints nothing, so it takes only
+        /// receipts with the buyer's contact.
+        pub internet: bool,
+    }
+
+    impl Default for RegisterKind {
+        fn default() -> Self {
+            RegisterKind {
+                latency_ms: 0,
+                capacity: None,
+                ffd: FfdVersion::V1_2,
+                internet: true,
             }
         }
     }
@@ -487,6 +514,29 @@ pub mod stack {
             latency_ms: u64,
             capacity: Option<u32>,
         ) -> anyhow::Result<Vec<String>> {
+            self.add_registers_like(
+                count,
+                RegisterKind {
+                    latency_ms,
+                    capacity,
+                    ..RegisterKind::default()
+                },
+            )
+            .await
+        }
+
+        /// [`Stack::add_registers`] with the FN's FFD and the registration's internet mode chosen.
+        pub async fn add_registers_like(
+            &mut self,
+            count: usize,
+            kind: RegisterKind,
+        ) -> anyhow::Result<Vec<String>> {
+            let RegisterKind {
+                latency_ms,
+                capacity,
+                ffd,
+                internet,
+            } = kind;
             let mut events = self.server.tunnel.subscribe();
             let state = self
                 .dir
@@ -500,6 +550,7 @@ pub mod stack {
                     latency_ms,
                     default_ofd: Some(self.ofd_endpoint()),
                     capacity,
+                    ffd,
                     max_backoff: Duration::from_millis(200),
                 },
             )?);
@@ -516,7 +567,7 @@ pub mod stack {
             let mut preparing = tokio::task::JoinSet::new();
             for zn in &zns {
                 let (tunnel, zn, ofd) = (tunnel.clone(), zn.clone(), self.ofd_endpoint());
-                preparing.spawn(async move { prepare(&tunnel, &zn, &ofd).await });
+                preparing.spawn(async move { prepare_as(&tunnel, &zn, &ofd, internet).await });
             }
             while let Some(done) = preparing.join_next().await {
                 done??;
@@ -647,12 +698,25 @@ pub mod stack {
     /// What the demo does to a fresh register: register it for [`DEMO_INN`] (if it is not yet),
     /// point it at `ofd`, open its shift, and make its agent report the new state.
     pub async fn prepare(tunnel: &Tunnel, zn: &str, ofd: &OfdEndpoint) -> anyhow::Result<()> {
+        prepare_as(tunnel, zn, ofd, true).await
+    }
+
+    /// [`prepare`] with the registration's internet mode chosen.
+    pub async fn prepare_as(
+        tunnel: &Tunnel,
+        zn: &str,
+        ofd: &OfdEndpoint,
+        internet: bool,
+    ) -> anyhow::Result<()> {
         let state = tunnel
             .online_kkt(zn)
             .and_then(|k| k.state)
             .with_context(|| format!("register {zn} is not online"))?;
         if !state.device.fiscal {
-            let params = fixtures::registration(zn, DEMO_INN, ofd.clone())?;
+            let params = RegistrationParams {
+                internet,
+                ..fixtures::registration(zn, DEMO_INN, ofd.clone())?
+            };
             match tunnel
                 .command(zn, Call::Register(params), COMMAND_TIMEOUT)
                 .await?

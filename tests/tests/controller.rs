@@ -480,6 +480,104 @@ async fn a_status_event_does_not_stall_the_register() {
     }
 }
 
+/// DESIGN.md §4, "whose registration allows the receipt": a receipt without a buyer contact
+/// goes only to a register that prints, a 22 % VAT receipt only to an FFD 1.2 FN, and a receipt
+/// no register of the INN could take is refused at the door, naming the field, instead of
+/// waiting NEW forever. Checked from the FN archives: each receipt is in exactly one document, on
+/// a register whose registration allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_go_only_where_the_registration_allows() {
+    let mut stack = Stack::start(StackOptions {
+        registers: 1,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let internet = stack.zns[0].clone();
+    let shop = stack.shop().await.unwrap();
+    let body = |invoice: &str, contact: bool, vat: &str| {
+        let mut v = stack::receipt_request(invoice);
+        v["Request"]["CustomerReceipt"]["Items"][0]["Vat"] = json!(vat);
+        if !contact {
+            v["Request"]["CustomerReceipt"]
+                .as_object_mut()
+                .unwrap()
+                .remove("Email");
+        }
+        v
+    };
+    let create = |v: Value| {
+        let shop = shop.clone();
+        async move {
+            shop.call("/api/kkt/cloud/receipt", &v)
+                .await
+                .map(|d| d["ReceiptId"].as_str().unwrap().to_owned())
+                .map_err(|e| e.downcast::<stack::FermaFailure>().unwrap())
+        }
+    };
+
+    // Only an internet-mode register: a receipt to be printed has nowhere to go.
+    let e = create(body("paper-0", false, "Vat20")).await.unwrap_err();
+    assert_eq!(e.code, Some(1010), "{e}");
+    assert!(
+        e.message.starts_with("Request.CustomerReceipt.Email: ")
+            && e.message.contains(DEMO_INN)
+            && e.message.contains("Email or Phone"),
+        "{e}"
+    );
+    assert_eq!(stack.server.dispatcher.depth(DEMO_INN), 0, "nothing queued");
+
+    // A counter register that prints, with an FFD 1.05 drive.
+    let printing = stack
+        .add_registers_like(
+            1,
+            stack::RegisterKind {
+                internet: false,
+                ffd: protocol::kkt::FfdVersion::V1_05,
+                ..stack::RegisterKind::default()
+            },
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    // Neither register can take an unaddressed 22 % receipt: each refuses for its own reason.
+    let e = create(body("both-0", false, "Vat22")).await.unwrap_err();
+    assert_eq!(e.code, Some(1010), "{e}");
+    assert!(
+        e.message.starts_with("Request.CustomerReceipt.Email: ")
+            || e.message
+                .starts_with("Request.CustomerReceipt.Items[0].Vat: "),
+        "{e}"
+    );
+
+    let mut expected = BTreeMap::new();
+    for n in 0..6 {
+        let paper = create(body(&format!("paper-{}", n + 1), false, "Vat20"))
+            .await
+            .unwrap();
+        expected.insert(paper, Some(printing.clone()));
+        let vat22 = create(body(&format!("vat22-{n}"), true, "Vat22"))
+            .await
+            .unwrap();
+        expected.insert(vat22, Some(internet.clone()));
+        let any = create(body(&format!("any-{n}"), true, "Vat20"))
+            .await
+            .unwrap();
+        expected.insert(any, None);
+    }
+    let ids: Vec<String> = expected.keys().cloned().collect();
+    all_confirmed(&stack, &ids).await;
+    let results = exactly_once(&stack, &shop, &ids).await;
+    for (id, register) in &expected {
+        if let Some(zn) = register {
+            assert_eq!(
+                &results[id].zn, zn,
+                "receipt {id} went to the wrong register"
+            );
+        }
+    }
+}
+
 // ---- the real binary -------------------------------------------------------------------------
 
 fn controller_binary() -> std::path::PathBuf {
@@ -673,6 +771,7 @@ async fn demo_curl_reaches_confirmed() {
             latency_ms: 0,
             default_ofd: None,
             capacity: None,
+            ffd: protocol::kkt::FfdVersion::V1_2,
             max_backoff: Duration::from_secs(1),
         },
     )
@@ -856,6 +955,7 @@ async fn controller_restart_loses_nothing_acknowledged() {
                 latency_ms: 5,
                 default_ofd: Some(ofd_endpoint.clone()),
                 capacity: None,
+                ffd: protocol::kkt::FfdVersion::V1_2,
                 max_backoff: Duration::from_millis(200),
             },
         )

@@ -678,6 +678,7 @@ async fn check(plant: &mut Plant, ledger: &Ledger) -> anyhow::Result<Verdict> {
             latency_ms: 0,
             default_ofd: None,
             capacity: None,
+            ffd: protocol::kkt::FfdVersion::V1_2,
             max_backoff: Duration::from_secs(1),
         },
     )?;
