@@ -611,3 +611,81 @@ async fn held_jobs_sent_before_the_hello_count_as_held() {
     );
     assert_eq!(c.tunnel.job("j2").unwrap().unwrap().state, JobState::Queued);
 }
+
+/// A register is wired to one agent at a time. A second agent's claim while the first holds it
+/// is not taken (the first keeps the register, its statuses and its jobs; the second's reports
+/// about it are ignored); it waits, and is applied when the holder detaches the register or
+/// disconnects. A claim whose agent went away first is forgotten.
+#[tokio::test]
+async fn a_register_held_by_one_agent_is_not_taken_by_another_until_let_go() {
+    let c = start().await;
+    let mut events = c.tunnel.subscribe();
+    let (a_creds, mut a) = online_agent(&c, "shelf-a", "K1").await;
+    let (b_creds, mut b) = online_agent(&c, "shelf-b", "K2").await;
+
+    b.attach("K1").await;
+    let waiting = wait_for(
+        &mut events,
+        |e| matches!(e, TunnelEvent::KktClaimWaiting { kkt, .. } if kkt == "K1"),
+    )
+    .await;
+    let TunnelEvent::KktClaimWaiting { agent, holder, .. } = waiting else {
+        unreachable!()
+    };
+    assert_eq!(
+        (agent, holder),
+        (b_creds.agent_id.clone(), a_creds.agent_id.clone())
+    );
+    // B's statuses about K1 are someone else's register: ignored, as before.
+    b.send(&AgentMessage::Status(Box::new(kkt_state("K1"))))
+        .await
+        .unwrap();
+    b.send(&AgentMessage::Status(Box::new(kkt_state("K2"))))
+        .await
+        .unwrap();
+    wait_for(
+        &mut events,
+        |e| matches!(e, TunnelEvent::KktStatus { kkt, .. } if kkt == "K2"),
+    )
+    .await;
+    assert_eq!(c.tunnel.online_kkt("K1").unwrap().agent, a_creds.agent_id);
+    assert_eq!(c.tunnel.online_kkt("K1").unwrap().state, None);
+    assert_eq!(
+        c.tunnel.store().kkt("K1").unwrap().unwrap().agent,
+        a_creds.agent_id
+    );
+
+    // A lets it go: B's claim is applied.
+    a.send(&AgentMessage::Detached { kkt: "K1".into() })
+        .await
+        .unwrap();
+    let taken = wait_for(
+        &mut events,
+        |e| matches!(e, TunnelEvent::KktAttached { kkt, .. } if kkt == "K1"),
+    )
+    .await;
+    assert!(matches!(taken, TunnelEvent::KktAttached { agent, .. } if agent == b_creds.agent_id));
+    assert_eq!(c.tunnel.online_kkt("K1").unwrap().agent, b_creds.agent_id);
+    assert_eq!(
+        c.tunnel.store().kkt("K1").unwrap().unwrap().agent,
+        b_creds.agent_id
+    );
+
+    // The other way round, ended by a disconnect: A claims K2, B goes away, A gets K2.
+    a.attach("K2").await;
+    wait_for(
+        &mut events,
+        |e| matches!(e, TunnelEvent::KktClaimWaiting { kkt, .. } if kkt == "K2"),
+    )
+    .await;
+    b.conn.close(0u32.into(), b"bye");
+    let taken = wait_for(
+        &mut events,
+        |e| matches!(e, TunnelEvent::KktAttached { kkt, .. } if kkt == "K2"),
+    )
+    .await;
+    assert!(matches!(taken, TunnelEvent::KktAttached { agent, .. } if agent == a_creds.agent_id));
+    assert_eq!(c.tunnel.online_kkt("K2").unwrap().agent, a_creds.agent_id);
+    // K1 went offline with B (it is not A's).
+    assert!(c.tunnel.online_kkt("K1").is_none());
+}

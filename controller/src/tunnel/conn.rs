@@ -434,8 +434,18 @@ async fn read_loop(
                 reject(inner, conn, Some(agent), close_code::PROTOCOL, reason);
                 return reason.into();
             }
-            AgentMessage::Attached(a) => Some(Report::Attached(a)),
-            AgentMessage::Detached { kkt } => Some(Report::Detached { kkt }),
+            AgentMessage::Attached(a) => claim(inner, agent, conn_id, a, &reports),
+            AgentMessage::Detached { kkt } => {
+                let mut live = inner.live();
+                if live
+                    .pending_claims
+                    .get(&kkt)
+                    .is_some_and(|c| c.conn_id == conn_id)
+                {
+                    live.pending_claims.remove(&kkt);
+                }
+                Some(Report::Detached { kkt })
+            }
             AgentMessage::Status(s) => Some(Report::Status(s)),
             AgentMessage::Accepted { job, attempt } => Some(Report::Accepted { job, attempt }),
             AgentMessage::Refused {
@@ -534,6 +544,52 @@ async fn renew(inner: &Inner, agent: &str, csr_pem: &str) -> Result<IssuedCertif
         ca_pem: inner.ca.cert_pem().to_owned(),
         not_after: issued.not_after,
     })
+}
+
+/// An agent says a register is wired to it. Taken at once unless another agent's live connection
+/// holds the register; then it waits in [`super::Live::pending_claims`] (see there for why).
+fn claim(
+    inner: &Inner,
+    agent: &str,
+    conn_id: u64,
+    attached: protocol::tunnel::Attached,
+    reports: &mpsc::Sender<Report>,
+) -> Option<Report> {
+    let zn = attached.hello.zn.clone();
+    let mut live = inner.live();
+    let holder = live
+        .kkts
+        .get(&zn)
+        .filter(|k| k.agent != agent)
+        .map(|k| k.agent.clone());
+    match holder {
+        None => Some(Report::Attached(attached)),
+        Some(holder) => {
+            warn!(
+                agent,
+                kkt = zn,
+                holder,
+                "register claimed while another agent holds it; the claim waits until that agent \
+                 lets it go (if the register was re-cabled, unplug it there or stop that agent)"
+            );
+            live.pending_claims.insert(
+                zn.clone(),
+                super::PendingClaim {
+                    agent: agent.to_owned(),
+                    conn_id,
+                    attached,
+                    reports: reports.clone(),
+                },
+            );
+            drop(live);
+            inner.emit(TunnelEvent::KktClaimWaiting {
+                agent: agent.to_owned(),
+                kkt: zn,
+                holder,
+            });
+            None
+        }
+    }
 }
 
 /// Commits the agent's reports in batches (one transaction each) and acknowledges each batch's
@@ -680,6 +736,7 @@ fn publish(inner: &Inner, agent: &str, conn_id: u64, effects: Vec<Effect>) {
                 Effect::KktDetached { kkt } => {
                     if live.kkts.get(&kkt).is_some_and(|k| k.conn_id == conn_id) {
                         live.kkts.remove(&kkt);
+                        live.release_claims(std::slice::from_ref(&kkt));
                     }
                     info!(agent, kkt, "register detached");
                     events.push(TunnelEvent::KktDetached {
@@ -782,6 +839,8 @@ fn disconnect(inner: &Inner, agent: &str, conn_id: u64, reason: &str) {
                 true
             }
         });
+        live.pending_claims.retain(|_, c| c.conn_id != conn_id);
+        live.release_claims(&detached);
         current
     };
     info!(agent, reason, "agent disconnected");

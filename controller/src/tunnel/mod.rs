@@ -97,6 +97,13 @@ pub enum TunnelEvent {
         agent: String,
         kkt: String,
     },
+    /// `agent` claimed register `kkt` while `holder` holds it; the claim waits (see
+    /// `Live::pending_claims`).
+    KktClaimWaiting {
+        agent: String,
+        kkt: String,
+        holder: String,
+    },
     KktDetached {
         agent: String,
         kkt: String,
@@ -267,6 +274,19 @@ struct Live {
     kkts: HashMap<String, OnlineKkt>,
     /// Register → jobs assigned or accepted on it (mirrors the store's index).
     in_flight: HashMap<String, BTreeSet<JobId>>,
+    /// Registers another agent claimed while an online agent held them. A register is wired to
+    /// one agent at a time, so a second claim is either a re-cabling the first agent has not
+    /// noticed yet or an agent lying to be given another shop's receipts; the claim waits, unstored,
+    /// until the holder lets the register go (detaches it or disconnects), and is applied then.
+    pending_claims: HashMap<String, PendingClaim>,
+}
+
+struct PendingClaim {
+    agent: String,
+    conn_id: u64,
+    attached: Attached,
+    /// The claiming connection's applier.
+    reports: mpsc::Sender<crate::store::Report>,
 }
 
 struct AgentLink {
@@ -291,6 +311,33 @@ struct OnlineKkt {
 }
 
 impl Live {
+    /// Registers `zns` were let go by their agent: applies the claims that waited for them, if
+    /// the claiming connection is still the agent's current one.
+    fn release_claims(&mut self, zns: &[String]) {
+        for zn in zns {
+            let Some(claim) = self.pending_claims.remove(zn) else {
+                continue;
+            };
+            if self
+                .agents
+                .get(&claim.agent)
+                .is_none_or(|l| l.conn_id != claim.conn_id)
+            {
+                continue;
+            }
+            tracing::info!(
+                agent = claim.agent,
+                kkt = zn,
+                "the register's previous agent let it go; applying the waiting claim"
+            );
+            let report = crate::store::Report::Attached(claim.attached);
+            if let Err(mpsc::error::TrySendError::Full(report)) = claim.reports.try_send(report) {
+                let reports = claim.reports;
+                tokio::spawn(async move { reports.send(report).await });
+            }
+        }
+    }
+
     fn add_in_flight(&mut self, kkt: &str, job: &str) {
         self.in_flight
             .entry(kkt.to_owned())
