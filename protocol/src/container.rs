@@ -39,6 +39,8 @@ pub enum FrameError {
     MessageType(u8),
     #[error("FN number {0:?} cannot be written as BCD")]
     FnNumber(String),
+    #[error("FN number field {0:02x?} is not BCD digits padded with F")]
+    FnBcd([u8; 8]),
     #[error("FD number {0} does not fit the container's 3-byte field")]
     FdNumber(u32),
     #[error("body is shorter than a document and its 8-byte message sign")]
@@ -137,17 +139,20 @@ fn fn_to_bcd(fn_number: &str) -> Result<[u8; 8], FrameError> {
     Ok(out)
 }
 
-fn bcd_to_fn(b: &[u8]) -> String {
+/// Reads the FN field strictly: digits, then only `F` padding. Anything else (a nibble A-E, a digit
+/// after the padding) has no canonical number, and a lenient reading would let two different byte
+/// strings name one FN: the OFD could file a document under a number its FN never had.
+fn bcd_to_fn(b: &[u8; 8]) -> Result<String, FrameError> {
     let mut s = String::with_capacity(16);
-    for byte in b {
-        for nib in [byte >> 4, byte & 0xF] {
-            if nib > 9 {
-                return s;
-            }
-            s.push(char::from(b'0' + nib));
+    let mut padding = false;
+    for nib in b.iter().flat_map(|byte| [byte >> 4, byte & 0xF]) {
+        match nib {
+            0..=9 if !padding => s.push(char::from(b'0' + nib)),
+            0xF => padding = true,
+            _ => return Err(FrameError::FnBcd(*b)),
         }
     }
-    s
+    Ok(s)
 }
 
 impl Container {
@@ -225,12 +230,14 @@ impl Container {
         message_sign.copy_from_slice(&body[doc_len..doc_len + MESSAGE_SIGN_LEN]);
         let mut service_data_2 = [0u8; 12];
         service_data_2.copy_from_slice(&b[20..32]);
+        let mut fn_field = [0u8; 8];
+        fn_field.copy_from_slice(&b[9..17]);
         Ok(Container {
             header: ContainerHeader {
                 document_type: b[5],
                 version: b[6],
                 service_data_1: [b[7], b[8]],
-                fn_number: bcd_to_fn(&b[9..17]),
+                fn_number: bcd_to_fn(&fn_field)?,
                 fd_number: u32::from_be_bytes([0, b[17], b[18], b[19]]),
                 service_data_2,
             },

@@ -374,6 +374,8 @@ pub enum FrameError {
     Version(u16),
     #[error("first frame must be a hello")]
     NoHello,
+    #[error("{0} bytes follow the message in its frame")]
+    Trailing(usize),
 }
 
 /// Encodes a message as one frame (length prefix included).
@@ -397,10 +399,17 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
     Ok(len)
 }
 
-/// Decodes a frame body (without its prefix).
+/// Decodes a frame body (without its prefix). The message must fill the body exactly: bytes
+/// after it mean the peer and we disagree about the message's layout (a version skew the version
+/// check missed, or a forged frame), and guessing at what the peer meant is how a fiscal command
+/// gets misread.
 pub fn decode_frame<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     if body.len() > MAX_FRAME {
         return Err(FrameError::TooLarge(body.len()));
     }
-    Ok(postcard::from_bytes(body)?)
+    let (msg, rest) = postcard::take_from_bytes(body)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Trailing(rest.len()));
+    }
+    Ok(msg)
 }

@@ -71,3 +71,79 @@ fn date_times_outside_four_digit_years_are_refused() {
         assert_eq!(parse_local(&format_local(t)), Some(t), "{s}");
     }
 }
+
+/// `tunnel_frame` target: a valid message followed by stray bytes in the same frame decoded as
+/// if the bytes were not there. A frame is one message, exactly.
+#[test]
+fn a_frame_with_bytes_after_its_message_is_refused() {
+    use protocol::tunnel::{decode_frame, encode_frame, AgentMessage, FrameError};
+    let frame = encode_frame(&AgentMessage::Pong { sent_at_micros: 7 }).expect("encodes");
+    let body = &frame[4..];
+    assert_eq!(
+        decode_frame::<AgentMessage>(body).expect("the exact body decodes"),
+        AgentMessage::Pong { sent_at_micros: 7 }
+    );
+    for extra in [&[0u8][..], &[0, 0, 0], &[0xFF; 17]] {
+        let mut longer = body.to_vec();
+        longer.extend_from_slice(extra);
+        match decode_frame::<AgentMessage>(&longer) {
+            Err(FrameError::Trailing(n)) => assert_eq!(n, extra.len()),
+            other => panic!("{} trailing bytes: {other:?}", extra.len()),
+        }
+    }
+}
+
+/// `container` target: an FN field with a nibble A-E, or a digit after the F padding, decoded to
+/// a number that re-encoded to other bytes, so two byte strings named one FN. Now refused.
+#[test]
+fn a_container_fn_field_that_is_not_clean_bcd_is_refused() {
+    use protocol::container::{container_crc, Container, ContainerHeader, FrameError};
+    // A container from the protocol's own encoder (FN number of 16 digits: no padding), then
+    // its FN field damaged with the CRC fixed up, as the fuzzer's mode 2 does.
+    let good = Container {
+        header: ContainerHeader {
+            document_type: 1,
+            version: 1,
+            service_data_1: [0, 0],
+            fn_number: "9999078900012345".into(),
+            fd_number: 42,
+            service_data_2: [0; 12],
+        },
+        document: vec![0x03, 0x00, 0x02, 0x00, 0xAA, 0xBB],
+        message_sign: [7; 8],
+        trailer: Vec::new(),
+    };
+    let bytes = good.encode().expect("encodes");
+    assert_eq!(Container::decode(&bytes).expect("decodes"), good);
+    for (at, nibble_byte) in [(9 + 2, 0x3Au8), (9 + 7, 0xF1), (9, 0xC0)] {
+        let mut bad = bytes.clone();
+        bad[at] = nibble_byte;
+        let crc = container_crc(&bad);
+        bad[2..4].copy_from_slice(&crc.to_le_bytes());
+        assert!(
+            matches!(Container::decode(&bad), Err(FrameError::FnBcd(_))),
+            "byte {at} = {nibble_byte:#04x}: {:?}",
+            Container::decode(&bad)
+        );
+    }
+}
+
+proptest::proptest! {
+    /// `ferma_json` target: a float in a field we only echo (the registry keeps the request as
+    /// sent) came back one unit in the last place off when written with 17 significant digits.
+    /// serde_json's `float_roundtrip` reads every literal to the nearest double, so the echo is
+    /// exact.
+    #[test]
+    fn a_float_the_shop_sent_is_echoed_bit_for_bit(x in proptest::num::f64::NORMAL) {
+        let literal = format!("{x:.16e}");
+        let body = format!(
+            r#"{{"Request":{{"Inn":"3245001416","Type":"Income","InvoiceId":"f","Extra":{literal},
+            "CustomerReceipt":{{"TaxationSystem":"Common","Email":"a@b.ru",
+            "Items":[{{"Label":"x","Price":1,"Quantity":1,"Amount":1,"Vat":"Vat20"}}]}}}}}}"#
+        );
+        let parsed = protocol::ferma::parse_create_receipt(body.as_bytes()).expect("accepted");
+        let echoed = parsed.request["Extra"].as_f64().expect("a number");
+        let exact: f64 = literal.parse().expect("Rust's parser is exact");
+        proptest::prop_assert_eq!(echoed.to_bits(), exact.to_bits(), "{}", literal);
+    }
+}
