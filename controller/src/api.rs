@@ -52,6 +52,9 @@ pub struct ApiConfig {
     pub max_queue: usize,
     /// What 503 answers say in `Retry-After`.
     pub retry_after_secs: u32,
+    /// Let `CallbackUrl` reach loopback and private networks (see `callbacks`): off in
+    /// production, where a shop's URL must not reach into the operator's network.
+    pub allow_private_callbacks: bool,
 }
 
 impl Default for ApiConfig {
@@ -60,6 +63,7 @@ impl Default for ApiConfig {
             session_ttl: Duration::from_secs(24 * 3600),
             max_queue: 100_000,
             retry_after_secs: 1,
+            allow_private_callbacks: false,
         }
     }
 }
@@ -339,6 +343,17 @@ async fn create_receipt_inner<L: Ledger>(
         return Err(plain(FermaError::invoice_exists(
             &parsed.invoice_id,
             &existing.record.id,
+        )));
+    }
+    if let Some(why) = parsed
+        .callback_url
+        .as_deref()
+        .filter(|_| !state.config.allow_private_callbacks)
+        .and_then(crate::callbacks::refusal)
+    {
+        return Err(plain(FermaError::validation(
+            "Request.CallbackUrl",
+            format!("{why}; give a public URL or leave CallbackUrl out"),
         )));
     }
     let needs = parsed.receipt.requirements();

@@ -94,6 +94,10 @@ pub struct Tuning {
     /// Lifetime of a Ferma AuthToken, hours.
     #[arg(long, default_value_t = 24)]
     token_hours: u64,
+    /// Let a receipt's CallbackUrl reach loopback and private addresses (shop servers inside
+    /// this network). Off by default: a shop's URL must not reach into the operator's network.
+    #[arg(long)]
+    allow_private_callbacks: bool,
 }
 
 impl Tuning {
@@ -106,6 +110,7 @@ impl Tuning {
         }
         config.api.max_queue = self.max_queue;
         config.api.session_ttl = Duration::from_secs(self.token_hours.max(1) * 3600);
+        config.api.allow_private_callbacks = self.allow_private_callbacks;
         config.balancer.max_in_flight = self.max_in_flight;
         config.balancer.rotate_before_secs = self.rotate_before_minutes.max(1) * 60;
         if let Some(t) = &self.daily_shift_close {

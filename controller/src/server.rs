@@ -74,9 +74,13 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let dispatcher = Dispatcher::start(tunnel.clone(), config.balancer, metrics.clone())?;
 
-        let wake = Arc::new(Notify::new());
-        let callbacks =
-            crate::callbacks::start(tunnel.store().clone(), metrics.clone(), wake.clone());
+        let wake = tunnel.store().callbacks_owed();
+        let callbacks = crate::callbacks::start(
+            tunnel.store().clone(),
+            metrics.clone(),
+            wake.clone(),
+            config.api.allow_private_callbacks,
+        );
         let mut events = tunnel.subscribe();
         tokio::spawn(async move {
             use tokio::sync::broadcast::error::RecvError;

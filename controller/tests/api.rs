@@ -107,6 +107,15 @@ impl Env {
         Env::start_with(ApiConfig::default()).await
     }
 
+    /// The shop servers of these tests listen on loopback, which production refuses.
+    async fn local_callbacks() -> Env {
+        Env::start_with(ApiConfig {
+            allow_private_callbacks: true,
+            ..ApiConfig::default()
+        })
+        .await
+    }
+
     async fn start_with(api_config: ApiConfig) -> Env {
         controller::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
@@ -1507,7 +1516,7 @@ fn check_callback(shop: &Shop, (headers, body): &Received, id: &str, reason: &st
 
 #[tokio::test]
 async fn final_status_is_called_back_signed() {
-    let env = Env::start().await;
+    let env = Env::local_callbacks().await;
     let shop = Shop::new(&env, "shop", &[INN_A]).await;
     let (addr, mut rx) = shop_server(0).await;
     let mut body = receipt(INN_A, "cb-1");
@@ -1557,7 +1566,7 @@ async fn final_status_is_called_back_signed() {
 
 #[tokio::test]
 async fn failed_callback_is_retried() {
-    let env = Env::start().await;
+    let env = Env::local_callbacks().await;
     let shop = Shop::new(&env, "shop", &[INN_A]).await;
     let (addr, mut rx) = shop_server(1).await;
     let mut body = receipt(INN_A, "cb-retry");
@@ -1586,6 +1595,123 @@ async fn failed_callback_is_retried() {
     assert_eq!(
         sample(&m, "kkt_callbacks_total{result=\"failed\"}"),
         Some(1.0)
+    );
+}
+
+/// A shop's `CallbackUrl` must not reach into the operator's network: loopback, private and
+/// link-local targets are refused at the door (1010 naming the field, nothing accepted) unless
+/// the operator allowed them.
+#[tokio::test]
+async fn private_callback_urls_are_refused_unless_allowed() {
+    let env = Env::start().await;
+    let shop = Shop::new(&env, "shop", &[INN_A]).await;
+    for (n, url) in [
+        "http://127.0.0.1:9/cb",
+        "http://localhost:8080/cb",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.7/cb",
+        "http://[::1]/cb",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let invoice = format!("private-{n}");
+        let mut body = receipt(INN_A, &invoice);
+        body["Request"]["CallbackUrl"] = json!(url);
+        let v = shop.call("/api/kkt/cloud/receipt", &body).await;
+        assert_eq!(v["Error"]["Code"], 1010, "{url}: {v}");
+        let message = v["Error"]["Message"].as_str().unwrap();
+        assert!(message.starts_with("Request.CallbackUrl: "), "{message}");
+        let v = shop
+            .call(
+                "/api/kkt/cloud/status",
+                &json!({"Request": {"InvoiceId": invoice}}),
+            )
+            .await;
+        assert_eq!(v["Error"]["Code"], 1018, "{url} was accepted: {v}");
+    }
+    let mut body = receipt(INN_A, "public");
+    body["Request"]["CallbackUrl"] = json!("https://shop.example.ru/cb");
+    let v = shop.call("/api/kkt/cloud/receipt", &body).await;
+    assert_eq!(v["Status"], "Success", "{v}");
+
+    let env = Env::local_callbacks().await;
+    let shop = Shop::new(&env, "shop", &[INN_A]).await;
+    let mut body = receipt(INN_A, "private-allowed");
+    body["Request"]["CallbackUrl"] = json!("http://127.0.0.1:9/cb");
+    let v = shop.call("/api/kkt/cloud/receipt", &body).await;
+    assert_eq!(v["Status"], "Success", "{v}");
+}
+
+/// A shop server that accepts connections and never answers; counts them.
+#[derive(Default)]
+struct Hanging {
+    open: AtomicUsize,
+    most_open: AtomicUsize,
+    closed: AtomicUsize,
+}
+
+async fn hanging_server() -> (SocketAddr, Arc<Hanging>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = Arc::new(Hanging::default());
+    let counts = h.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let open = counts.open.fetch_add(1, Ordering::SeqCst) + 1;
+            counts.most_open.fetch_max(open, Ordering::SeqCst);
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 4096];
+                while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+                counts.open.fetch_sub(1, Ordering::SeqCst);
+                counts.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, h)
+}
+
+/// One shop's server hanging (each attempt waits out the 10 s timeout) with a backlog of
+/// callbacks holds at most `PER_HOST` of the sender's slots: another shop's callback, owed after
+/// the whole backlog, arrives while every hanging attempt is still waiting.
+#[tokio::test]
+async fn a_hanging_shop_server_does_not_hold_up_other_shops_callbacks() {
+    let env = Env::local_callbacks().await;
+    let shop = Shop::new(&env, "shop", &[INN_A]).await;
+    let (dead, hanging) = hanging_server().await;
+    let (live, mut rx) = shop_server(0).await;
+    let store = env.server.store();
+    let owe = |invoice: String, url: String| {
+        let (shop, store) = (&shop, store.clone());
+        async move {
+            let mut body = receipt(INN_A, &invoice);
+            body["Request"]["CallbackUrl"] = json!(url);
+            let v = shop.call("/api/kkt/cloud/receipt", &body).await;
+            let id = v["Data"]["ReceiptId"].as_str().unwrap().to_owned();
+            assert!(store
+                .fail_job(&id, "касса недоступна".into(), controller::unix_ms())
+                .await
+                .unwrap());
+            id
+        }
+    };
+    for n in 0..2 * controller::callbacks::CONCURRENCY {
+        owe(format!("dead-{n}"), format!("http://{dead}/cb")).await;
+    }
+    let id = owe("live".into(), format!("http://{live}/cb")).await;
+    let got = next(&mut rx).await;
+    assert_eq!(got.0["x-receipt-id"], id.as_str());
+    assert_eq!(
+        hanging.closed.load(Ordering::SeqCst),
+        0,
+        "the live callback waited for hanging attempts to time out"
+    );
+    assert!(
+        hanging.most_open.load(Ordering::SeqCst) <= controller::callbacks::PER_HOST,
+        "{} attempts at once to one host",
+        hanging.most_open.load(Ordering::SeqCst)
     );
 }
 
@@ -1690,8 +1816,9 @@ impl controller::store::Ledger for DiskFull {
         &self,
         now_ms: u64,
         limit: usize,
+        take: &mut dyn FnMut(u64, &controller::store::Callback) -> bool,
     ) -> Result<Vec<(u64, controller::store::Callback)>, controller::store::StoreError> {
-        self.0.due_callbacks(now_ms, limit)
+        self.0.due_callbacks(now_ms, limit, take)
     }
     fn pending_callbacks(&self) -> Result<usize, controller::store::StoreError> {
         Ok(self.0.callbacks()?.len())

@@ -565,35 +565,42 @@ impl Store {
         now_ms: u64,
     ) -> Result<bool, StoreError> {
         let job_id = job_id.to_owned();
-        self.transact(move |txn| {
-            let applied = {
-                let mut jt = JobTables::open(txn)?;
-                let Some(job) = jt.get(&job_id)? else {
-                    return Ok(false);
-                };
-                match rules::apply(&job, JobEvent::Fail { reason }, now_ms) {
-                    Decision::Apply(next) => {
-                        jt.put(&job, &next)?;
-                        true
+        let applied = self
+            .transact(move |txn| {
+                let applied = {
+                    let mut jt = JobTables::open(txn)?;
+                    let Some(job) = jt.get(&job_id)? else {
+                        return Ok(false);
+                    };
+                    match rules::apply(&job, JobEvent::Fail { reason }, now_ms) {
+                        Decision::Apply(next) => {
+                            jt.put(&job, &next)?;
+                            true
+                        }
+                        _ => false,
                     }
-                    _ => false,
+                };
+                if applied {
+                    owe_callback(txn, &job_id, now_ms)?;
                 }
-            };
-            if applied {
-                owe_callback(txn, &job_id, now_ms)?;
-            }
-            Ok(applied)
-        })
-        .await
+                Ok(applied)
+            })
+            .await?;
+        if applied {
+            self.callbacks_owed().notify_one();
+        }
+        Ok(applied)
     }
 
     // ---- callbacks -------------------------------------------------------------------------
 
-    /// Callbacks due at `now_ms`, at most `limit`, with their ids.
+    /// Callbacks due at `now_ms` that `take` accepts, at most `limit`, with their ids (see
+    /// [`Ledger::due_callbacks`]).
     pub fn due_callbacks(
         &self,
         now_ms: u64,
         limit: usize,
+        take: &mut dyn FnMut(u64, &Callback) -> bool,
     ) -> Result<Vec<(u64, Callback)>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(CALLBACKS)?;
@@ -601,7 +608,7 @@ impl Store {
         for row in t.iter()? {
             let (k, v) = row?;
             let cb: Callback = decode(v.value())?;
-            if cb.next_at <= now_ms {
+            if cb.next_at <= now_ms && take(k.value(), &cb) {
                 due.push((k.value(), cb));
                 if due.len() >= limit {
                     break;
@@ -711,7 +718,15 @@ pub trait Ledger: Clone + Send + Sync + 'static {
         to_ms: u64,
         limit: usize,
     ) -> Result<Vec<ReceiptView>, StoreError>;
-    fn due_callbacks(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Callback)>, StoreError>;
+    /// Callbacks due at `now_ms` that `take` accepts, at most `limit`, oldest first. `take` sees
+    /// each due callback once and decides (the sender skips those in flight and hosts at their
+    /// limit), so a backlog for one host never hides another host's callbacks.
+    fn due_callbacks(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        take: &mut dyn FnMut(u64, &Callback) -> bool,
+    ) -> Result<Vec<(u64, Callback)>, StoreError>;
     fn pending_callbacks(&self) -> Result<usize, StoreError>;
     fn callback_delivered(
         &self,
@@ -768,8 +783,13 @@ impl Ledger for Store {
     ) -> Result<Vec<ReceiptView>, StoreError> {
         Store::receipts_between(self, account, from_ms, to_ms, limit)
     }
-    fn due_callbacks(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Callback)>, StoreError> {
-        Store::due_callbacks(self, now_ms, limit)
+    fn due_callbacks(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        take: &mut dyn FnMut(u64, &Callback) -> bool,
+    ) -> Result<Vec<(u64, Callback)>, StoreError> {
+        Store::due_callbacks(self, now_ms, limit, take)
     }
     fn pending_callbacks(&self) -> Result<usize, StoreError> {
         // A count, read from the table's metadata: a scrape must not decode every row.

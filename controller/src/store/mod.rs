@@ -296,6 +296,9 @@ enum Msg {
 pub struct Store {
     db: Arc<Database>,
     tx: mpsc::UnboundedSender<Msg>,
+    /// Notified after a commit that owed callbacks the sender would otherwise find only on its
+    /// next idle look (see `callbacks`).
+    callbacks_owed: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Store {
@@ -341,7 +344,11 @@ impl Store {
             .name("controller-store".into())
             .spawn(move || writer(writer_db, rx))
             .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
-        Ok(Store { db, tx })
+        Ok(Store {
+            db,
+            tx,
+            callbacks_owed: Arc::new(tokio::sync::Notify::new()),
+        })
     }
 
     /// Runs `op` in the next group commit; returns its value once that commit is durable.
@@ -369,6 +376,12 @@ impl Store {
             Ok(Err(e)) => Err(StoreError::Commit(e)),
             Err(_) => Err(StoreError::Closed),
         }
+    }
+
+    /// Wakes the callback sender; notified when a receipt fails and owes a callback (the
+    /// server also notifies it on confirmations).
+    pub fn callbacks_owed(&self) -> Arc<tokio::sync::Notify> {
+        self.callbacks_owed.clone()
     }
 
     /// Resolves once every write queued before it is durable (shutdown uses it).
