@@ -874,6 +874,7 @@ async fn metrics<L: Ledger>(State(state): State<ApiState<L>>, headers: HeaderMap
         })
         .collect();
     let gauges = Gauges {
+        receipts: state.store.receipt_counts().unwrap_or_default(),
         queue_depth: state.dispatcher.depths(),
         in_flight: state.dispatcher.held(),
         registers,

@@ -89,6 +89,16 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "kkt_receipts_total{{status=\"{status}\"}} {}", get(c));
         }
+        let _ = writeln!(out, "# HELP kkt_receipts Receipts in each status now (all time, from the store).\n# TYPE kkt_receipts gauge");
+        let r = &gauges.receipts;
+        for (status, n) in [
+            ("NEW", r.new),
+            ("PROCESSED", r.processed),
+            ("CONFIRMED", r.confirmed),
+            ("KKT_ERROR", r.kkt_error),
+        ] {
+            let _ = writeln!(out, "kkt_receipts{{status=\"{status}\"}} {n}");
+        }
         let _ = writeln!(out, "# HELP kkt_api_refusals_total Receipts not accepted, by reason.\n# TYPE kkt_api_refusals_total counter");
         for (reason, c) in [
             ("duplicate_invoice", &self.duplicates),
@@ -166,6 +176,7 @@ impl Metrics {
 /// Values read at scrape time.
 #[derive(Debug, Default)]
 pub struct Gauges {
+    pub receipts: crate::store::ReceiptCounts,
     pub queue_depth: Vec<(String, usize)>,
     pub in_flight: usize,
     pub registers: Vec<(String, usize)>,

@@ -1160,7 +1160,7 @@ async fn metrics_count_receipts_and_queues() {
         env.create_ok(&token, &receipt(INN_A, &format!("a-{i}")))
             .await;
     }
-    env.create_ok(&token, &receipt(INN_B, "b-0")).await;
+    let b0 = env.create_ok(&token, &receipt(INN_B, "b-0")).await;
     env.create(&token, &receipt(INN_B, "b-0"))
         .await
         .failed(1019);
@@ -1185,6 +1185,19 @@ async fn metrics_count_receipts_and_queues() {
         sample(&m, "kkt_receipts_total{status=\"KKT_ERROR\"}"),
         Some(0.0)
     );
+    // Current statuses, from the store.
+    for (status, n) in [
+        ("NEW", 4.0),
+        ("PROCESSED", 0.0),
+        ("CONFIRMED", 0.0),
+        ("KKT_ERROR", 0.0),
+    ] {
+        assert_eq!(
+            sample(&m, &format!("kkt_receipts{{status=\"{status}\"}}")),
+            Some(n),
+            "{status}"
+        );
+    }
     assert_eq!(
         sample(&m, &format!("kkt_queue_depth{{inn=\"{INN_A}\"}}")),
         Some(3.0),
@@ -1202,6 +1215,18 @@ async fn metrics_count_receipts_and_queues() {
     assert_eq!(sample(&m, "kkt_agents_online"), Some(0.0));
     assert_eq!(sample(&m, "kkt_jobs_in_flight"), Some(0.0));
     assert_eq!(sample(&m, "kkt_callbacks_pending"), Some(0.0));
+    assert!(env
+        .server
+        .store()
+        .fail_job(&b0, "given up".into(), controller::unix_ms())
+        .await
+        .unwrap());
+    let after = env.metrics().await;
+    assert_eq!(sample(&after, "kkt_receipts{status=\"NEW\"}"), Some(3.0));
+    assert_eq!(
+        sample(&after, "kkt_receipts{status=\"KKT_ERROR\"}"),
+        Some(1.0)
+    );
     // Every sample line is `name[{labels}] number`, and every family is typed.
     for line in m.lines().filter(|l| !l.starts_with('#')) {
         let (name, value) = line.rsplit_once(' ').unwrap();
@@ -1822,6 +1847,11 @@ impl controller::store::Ledger for DiskFull {
     }
     fn pending_callbacks(&self) -> Result<usize, controller::store::StoreError> {
         Ok(self.0.callbacks()?.len())
+    }
+    fn receipt_counts(
+        &self,
+    ) -> Result<controller::store::ReceiptCounts, controller::store::StoreError> {
+        self.0.receipt_counts()
     }
     async fn callback_delivered(&self, id: u64) -> Result<(), controller::store::StoreError> {
         self.0.callback_delivered(id).await

@@ -568,6 +568,14 @@ async fn receipts_go_only_where_the_registration_allows() {
     let ids: Vec<String> = expected.keys().cloned().collect();
     all_confirmed(&stack, &ids).await;
     let results = exactly_once(&stack, &shop, &ids).await;
+    // What /metrics reads as the current statuses; the refused receipts were never stored.
+    assert_eq!(
+        controller::store::Ledger::receipt_counts(stack.server.store()).unwrap(),
+        controller::store::ReceiptCounts {
+            confirmed: ids.len(),
+            ..Default::default()
+        }
+    );
     for (id, register) in &expected {
         if let Some(zn) = register {
             assert_eq!(

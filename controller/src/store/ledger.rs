@@ -108,6 +108,15 @@ pub fn secret_hash(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// Receipts by Ferma status at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiptCounts {
+    pub new: usize,
+    pub processed: usize,
+    pub confirmed: usize,
+    pub kkt_error: usize,
+}
+
 /// HMAC-SHA256 of a callback body with the account's callback secret, hex.
 pub fn sign_callback(secret: &str, body: &[u8]) -> String {
     let mut mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()) {
@@ -728,6 +737,8 @@ pub trait Ledger: Clone + Send + Sync + 'static {
         take: &mut dyn FnMut(u64, &Callback) -> bool,
     ) -> Result<Vec<(u64, Callback)>, StoreError>;
     fn pending_callbacks(&self) -> Result<usize, StoreError>;
+    /// Receipts in each Ferma status now, for `/metrics`.
+    fn receipt_counts(&self) -> Result<ReceiptCounts, StoreError>;
     fn callback_delivered(
         &self,
         id: u64,
@@ -796,6 +807,25 @@ impl Ledger for Store {
         let txn = self.db.begin_read()?;
         let n = txn.open_table(CALLBACKS)?.len()?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+    fn receipt_counts(&self) -> Result<ReceiptCounts, StoreError> {
+        // Table lengths only (redb keeps them in the table's metadata): a scrape must not decode
+        // rows. Every receipt is in exactly one of: the queue or the in-flight index (NEW), the
+        // unconfirmed index (PROCESSED), the confirmed table (CONFIRMED); the rest are final
+        // failures (KKT_ERROR).
+        let txn = self.db.begin_read()?;
+        let len = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let total = len(txn.open_table(RECEIPTS)?.len()?);
+        let new = len(txn.open_table(super::QUEUE)?.len()?)
+            + len(txn.open_table(super::IN_FLIGHT)?.len()?);
+        let processed = len(txn.open_table(UNCONFIRMED)?.len()?);
+        let confirmed = len(txn.open_table(CONFIRMED)?.len()?);
+        Ok(ReceiptCounts {
+            new,
+            processed,
+            confirmed,
+            kkt_error: total.saturating_sub(new + processed + confirmed),
+        })
     }
     fn callback_delivered(
         &self,
