@@ -17,7 +17,7 @@ use crate::balancer::{
 };
 use crate::metrics::Metrics;
 use crate::rules::{Job, QueuePlace, SetbackKind};
-use crate::store::{Store, StoreError};
+use crate::store::{FleetStore, Store, StoreError};
 use crate::tunnel::{DispatchError, Tunnel, TunnelEvent};
 use crate::unix_ms;
 use protocol::kkt::{Call, Operator};
@@ -36,18 +36,19 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(500);
 
 /// The dispatcher. Cheap to clone.
+/// Generic over its store ([`FleetStore`]), like the tunnel it drives.
 #[derive(Clone)]
-pub struct Dispatcher {
-    inner: Arc<Inner>,
+pub struct Dispatcher<S: FleetStore = Store> {
+    inner: Arc<Inner<S>>,
 }
 
-struct Inner {
+struct Inner<S: FleetStore> {
     balancer: Mutex<Balancer>,
     /// Receipts admitted per INN whose commit is not done yet (see [`Dispatcher::admit`]).
     admitted: Mutex<HashMap<String, usize>>,
     wake: Notify,
-    tunnel: Tunnel,
-    store: Store,
+    tunnel: Tunnel<S>,
+    store: S,
     metrics: Arc<Metrics>,
     stop: Notify,
 }
@@ -70,13 +71,13 @@ pub fn waiting_of(job: &Job) -> Option<(QueuePlace, Waiting)> {
     ))
 }
 
-impl Dispatcher {
+impl<S: FleetStore> Dispatcher<S> {
     /// Loads the queue from the store and starts the loop.
     pub fn start(
-        tunnel: Tunnel,
+        tunnel: Tunnel<S>,
         config: BalancerConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<Dispatcher, StoreError> {
+    ) -> Result<Dispatcher<S>, StoreError> {
         let store = tunnel.store().clone();
         let mut balancer = Balancer::new(config);
         let events = tunnel.subscribe();
@@ -117,7 +118,7 @@ impl Dispatcher {
     /// committed: checking the depth alone would let every request of one group commit through,
     /// which is exactly the burst the limit exists for. Hold the admission until the receipt is
     /// enqueued (or refused); dropping it releases the place.
-    pub fn admit(&self, inn: &str, max: usize) -> Result<Admission, usize> {
+    pub fn admit(&self, inn: &str, max: usize) -> Result<Admission<S>, usize> {
         // Lock order: admissions, then the balancer (an enqueue takes only the balancer, an
         // admission's release only the admissions), so the depth read and the reservation are
         // one step: no receipt can move from "admitted" to "waiting" between them unseen.
@@ -167,12 +168,12 @@ impl Dispatcher {
 }
 
 /// A receipt's reserved place in its INN's queue; see [`Dispatcher::admit`].
-pub struct Admission {
-    inner: Arc<Inner>,
+pub struct Admission<S: FleetStore = Store> {
+    inner: Arc<Inner<S>>,
     inn: String,
 }
 
-impl Drop for Admission {
+impl<S: FleetStore> Drop for Admission<S> {
     fn drop(&mut self) {
         let mut admitted = self
             .inner
@@ -188,13 +189,17 @@ impl Drop for Admission {
     }
 }
 
-impl Inner {
+impl<S: FleetStore> Inner<S> {
     fn lock(&self) -> MutexGuard<'_, Balancer> {
         self.balancer.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn load(balancer: &mut Balancer, store: &Store, tunnel: &Tunnel) -> Result<(), StoreError> {
+fn load<S: FleetStore>(
+    balancer: &mut Balancer,
+    store: &S,
+    tunnel: &Tunnel<S>,
+) -> Result<(), StoreError> {
     for kkt in tunnel.online_kkts() {
         balancer.online(&kkt.zn, &kkt.agent);
         if let Some(state) = kkt.state {
@@ -217,7 +222,7 @@ fn load(balancer: &mut Balancer, store: &Store, tunnel: &Tunnel) -> Result<(), S
     Ok(())
 }
 
-async fn run(inner: Arc<Inner>, mut events: broadcast::Receiver<TunnelEvent>) {
+async fn run<S: FleetStore>(inner: Arc<Inner<S>>, mut events: broadcast::Receiver<TunnelEvent>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -251,7 +256,7 @@ async fn run(inner: Arc<Inner>, mut events: broadcast::Receiver<TunnelEvent>) {
     }
 }
 
-fn resync(inner: &Arc<Inner>) {
+fn resync<S: FleetStore>(inner: &Arc<Inner<S>>) {
     let mut fresh = Balancer::new(inner.lock().config().clone());
     match load(&mut fresh, &inner.store, &inner.tunnel) {
         Ok(()) => *inner.lock() = fresh,
@@ -260,11 +265,11 @@ fn resync(inner: &Arc<Inner>) {
 }
 
 /// The register's state as the tunnel last applied it (the event only names the register).
-fn fresh_state(inner: &Inner, kkt: &str) -> Option<protocol::tunnel::KktState> {
+fn fresh_state<S: FleetStore>(inner: &Inner<S>, kkt: &str) -> Option<protocol::tunnel::KktState> {
     inner.tunnel.online_kkt(kkt).and_then(|k| k.state)
 }
 
-fn on_event(inner: &Arc<Inner>, event: TunnelEvent) {
+fn on_event<S: FleetStore>(inner: &Arc<Inner<S>>, event: TunnelEvent) {
     let now = unix_ms();
     match event {
         TunnelEvent::KktAttached { agent, kkt } => {
@@ -320,7 +325,13 @@ fn on_event(inner: &Arc<Inner>, event: TunnelEvent) {
 }
 
 /// A job came back without a document: queue it again or give it up, as the balancer says.
-fn came_back(inner: &Arc<Inner>, job: &str, kkt: &str, outcome: Outcome, now: u64) {
+fn came_back<S: FleetStore>(
+    inner: &Arc<Inner<S>>,
+    job: &str,
+    kkt: &str,
+    outcome: Outcome,
+    now: u64,
+) {
     let record = match inner.store.job(job) {
         Ok(Some(j)) => j,
         Ok(None) => return,
@@ -366,7 +377,7 @@ fn came_back(inner: &Arc<Inner>, job: &str, kkt: &str, outcome: Outcome, now: u6
     }
 }
 
-fn execute(inner: &Arc<Inner>, action: Action) {
+fn execute<S: FleetStore>(inner: &Arc<Inner<S>>, action: Action) {
     match action {
         Action::Dispatch { job, kkt } => {
             let inner = inner.clone();
@@ -385,7 +396,7 @@ fn execute(inner: &Arc<Inner>, action: Action) {
     }
 }
 
-async fn dispatch(inner: &Arc<Inner>, job: String, kkt: String) {
+async fn dispatch<S: FleetStore>(inner: &Arc<Inner<S>>, job: String, kkt: String) {
     let record = match inner.store.job(&job) {
         Ok(Some(j)) => j,
         Ok(None) => {
@@ -438,7 +449,7 @@ async fn dispatch(inner: &Arc<Inner>, job: String, kkt: String) {
     }
 }
 
-fn command(inner: &Arc<Inner>, kkt: String, kind: CommandKind) {
+fn command<S: FleetStore>(inner: &Arc<Inner<S>>, kkt: String, kind: CommandKind) {
     let inner = inner.clone();
     tokio::spawn(async move {
         let call = match kind {

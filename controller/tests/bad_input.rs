@@ -232,6 +232,7 @@ impl Env {
         let ctl = Controller {
             dir,
             tunnel: server.tunnel.clone(),
+            store: server.store().clone(),
         };
         // The good agent: K1 attached and ready for INN_A.
         let mut events = ctl.tunnel.subscribe();

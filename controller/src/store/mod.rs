@@ -31,9 +31,12 @@
 //! # Scale-out
 //! Each public operation maps onto one SQL transaction over the same tables, so a PostgreSQL
 //! backend can offer the same methods (DESIGN.md §8); nothing here depends on being the only
-//! controller except the group-commit thread itself.
+//! controller except the group-commit thread itself. The rest of the controller sees the store
+//! only through [`Ledger`] (shop-facing) and [`FleetStore`] (tunnel and dispatcher).
 
+mod fleet;
 mod ledger;
+pub use fleet::FleetStore;
 pub use ledger::*;
 
 use crate::rules::{

@@ -9,7 +9,7 @@
 use super::frame::{read_frame, ReadFrameError};
 use super::{AgentLink, Inner, OnlineKkt, TunnelEvent};
 use crate::ca::fingerprint;
-use crate::store::{AgentLookup, Effect, Report};
+use crate::store::{AgentLookup, Effect, FleetStore, Report};
 use crate::unix_ms;
 use protocol::tunnel::{
     encode_frame, AgentHello, AgentMessage, ControllerHello, ControllerMessage, FrameError,
@@ -46,7 +46,7 @@ const OUT_QUEUE: usize = 1024;
 /// The writer coalesces queued frames up to this many bytes per write.
 const WRITE_COALESCE: usize = 64 * 1024;
 
-pub(super) async fn accept_loop(inner: Arc<Inner>) {
+pub(super) async fn accept_loop<S: FleetStore>(inner: Arc<Inner<S>>) {
     while let Some(incoming) = inner.endpoint.accept().await {
         let inner = inner.clone();
         tokio::spawn(async move {
@@ -78,8 +78,8 @@ pub(super) async fn accept_loop(inner: Arc<Inner>) {
 }
 
 /// Closes a connection that broke the rules, with a logged reason.
-pub(super) fn reject(
-    inner: &Inner,
+pub(super) fn reject<S: FleetStore>(
+    inner: &Inner<S>,
     conn: &Connection,
     agent: Option<&str>,
     code: VarInt,
@@ -103,7 +103,7 @@ fn peer_fingerprint(conn: &Connection) -> Option<[u8; 32]> {
     chain.first().map(|c| fingerprint(c))
 }
 
-async fn serve_tunnel(inner: Arc<Inner>, conn: Connection) {
+async fn serve_tunnel<S: FleetStore>(inner: Arc<Inner<S>>, conn: Connection) {
     // Identify: a verified certificate (rustls checked the chain and validity) that we issued to
     // an enrolled, not revoked agent.
     let Some(fp) = peer_fingerprint(&conn) else {
@@ -354,8 +354,8 @@ fn peek_hello_version(body: &[u8]) -> Option<u16> {
 }
 
 /// Records the hello and releases jobs the agent does not hold; returns `applied_upto`.
-async fn reconcile(
-    inner: &Inner,
+async fn reconcile<S: FleetStore>(
+    inner: &Inner<S>,
     agent: &str,
     hello: &AgentHello,
 ) -> Result<u64, crate::store::StoreError> {
@@ -404,8 +404,8 @@ async fn reconcile(
 }
 
 /// Reads frames until the connection ends; returns why it ended.
-async fn read_loop(
-    inner: &Inner,
+async fn read_loop<S: FleetStore>(
+    inner: &Inner<S>,
     agent: &str,
     conn_id: u64,
     conn: &Connection,
@@ -521,7 +521,11 @@ async fn read_loop(
     }
 }
 
-async fn renew(inner: &Inner, agent: &str, csr_pem: &str) -> Result<IssuedCertificate, String> {
+async fn renew<S: FleetStore>(
+    inner: &Inner<S>,
+    agent: &str,
+    csr_pem: &str,
+) -> Result<IssuedCertificate, String> {
     let issued = inner
         .ca
         .issue_agent(agent, csr_pem, inner.config.agent_cert_validity)
@@ -548,8 +552,8 @@ async fn renew(inner: &Inner, agent: &str, csr_pem: &str) -> Result<IssuedCertif
 
 /// An agent says a register is wired to it. Taken at once unless another agent's live connection
 /// holds the register; then it waits in [`super::Live::pending_claims`] (see there for why).
-fn claim(
-    inner: &Inner,
+fn claim<S: FleetStore>(
+    inner: &Inner<S>,
     agent: &str,
     conn_id: u64,
     attached: protocol::tunnel::Attached,
@@ -594,8 +598,8 @@ fn claim(
 
 /// Commits the agent's reports in batches (one transaction each) and acknowledges each batch's
 /// outbox position after it is durable.
-async fn apply_loop(
-    inner: Arc<Inner>,
+async fn apply_loop<S: FleetStore>(
+    inner: Arc<Inner<S>>,
     agent: String,
     conn_id: u64,
     conn: Connection,
@@ -642,7 +646,7 @@ async fn apply_loop(
 }
 
 /// Updates the in-memory view from committed effects and tells subscribers.
-fn publish(inner: &Inner, agent: &str, conn_id: u64, effects: Vec<Effect>) {
+fn publish<S: FleetStore>(inner: &Inner<S>, agent: &str, conn_id: u64, effects: Vec<Effect>) {
     let mut events = Vec::with_capacity(effects.len());
     {
         let mut live = inner.live();
@@ -782,7 +786,7 @@ fn publish(inner: &Inner, agent: &str, conn_id: u64, effects: Vec<Effect>) {
     }
 }
 
-async fn ping_loop(inner: Arc<Inner>, out: mpsc::Sender<ControllerMessage>) {
+async fn ping_loop<S: FleetStore>(inner: Arc<Inner<S>>, out: mpsc::Sender<ControllerMessage>) {
     let mut tick = tokio::time::interval(inner.config.ping_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -822,7 +826,7 @@ async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<ControllerMessa
 }
 
 /// Forgets a connection's live state (only if it is still the agent's current one).
-fn disconnect(inner: &Inner, agent: &str, conn_id: u64, reason: &str) {
+fn disconnect<S: FleetStore>(inner: &Inner<S>, agent: &str, conn_id: u64, reason: &str) {
     let mut detached = Vec::new();
     let was_current = {
         let mut live = inner.live();

@@ -11,7 +11,7 @@ use super::conn::{close_code, reject};
 use super::frame::{read_frame, write_frame};
 use super::{Inner, TunnelEvent};
 use crate::rules::{TokenRecord, TokenRefusal};
-use crate::store::{AgentRecord, Store, StoreError, TokenLookup};
+use crate::store::{AgentRecord, FleetStore, Store, StoreError, TokenLookup};
 use crate::unix_ms;
 use protocol::tunnel::{
     EnrollRequest, EnrollResponse, EnrollToken, IssuedCertificate, TUNNEL_VERSION,
@@ -56,7 +56,7 @@ pub async fn create_enroll_token(
     Ok((token.encode(), expires_at))
 }
 
-pub(super) async fn serve(inner: Arc<Inner>, conn: Connection) {
+pub(super) async fn serve<S: FleetStore>(inner: Arc<Inner<S>>, conn: Connection) {
     let exchange = tokio::time::timeout(inner.config.hello_timeout, async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
@@ -98,7 +98,7 @@ fn refused(reason: impl Into<String>) -> EnrollResponse {
     EnrollResponse::Refused { reason }
 }
 
-async fn enroll(inner: &Inner, req: EnrollRequest) -> EnrollResponse {
+async fn enroll<S: FleetStore>(inner: &Inner<S>, req: EnrollRequest) -> EnrollResponse {
     if req.version != TUNNEL_VERSION {
         return refused(format!(
             "enrollment version {} is not supported (this controller speaks {TUNNEL_VERSION}); update the agent",

@@ -26,7 +26,7 @@ pub use enroll::{create_enroll_token, DEFAULT_TOKEN_TTL};
 
 use crate::ca::{Ca, CaError, DEFAULT_AGENT_VALIDITY};
 use crate::rules::Job;
-use crate::store::{Anomaly, Store, StoreError};
+use crate::store::{Anomaly, FleetStore, Store, StoreError};
 use crate::unix_ms;
 use protocol::kkt::{Call, Event, FiscalResult, KktError, Reply};
 use protocol::tunnel::{
@@ -249,13 +249,14 @@ pub enum CommandError {
 }
 
 /// The tunnel. Cheap to clone; every clone drives the same endpoint.
+/// Generic over its store ([`FleetStore`]); the redb [`Store`] is the default.
 #[derive(Clone)]
-pub struct Tunnel {
-    inner: Arc<Inner>,
+pub struct Tunnel<S: FleetStore = Store> {
+    inner: Arc<Inner<S>>,
 }
 
-struct Inner {
-    store: Store,
+struct Inner<S> {
+    store: S,
     ca: Arc<Ca>,
     config: TunnelConfig,
     endpoint: quinn::Endpoint,
@@ -358,7 +359,7 @@ impl Live {
 /// Events are for observers; the channel keeps this many before a slow subscriber lags.
 const EVENT_CAPACITY: usize = 4096;
 
-impl Tunnel {
+impl Tunnel<Store> {
     /// Opens the CA and the store in `config.data_dir` (creating them at first start) and starts
     /// accepting agents on `config.listen`.
     pub async fn start(config: TunnelConfig) -> Result<Tunnel, StartError> {
@@ -370,13 +371,15 @@ impl Tunnel {
         let store = Store::open(&config.data_dir.join(STORE_FILE))?;
         Self::start_with(config, ca, store).await
     }
+}
 
+impl<S: FleetStore> Tunnel<S> {
     /// Starts on an already opened CA and store.
     pub async fn start_with(
         config: TunnelConfig,
         ca: Arc<Ca>,
-        store: Store,
-    ) -> Result<Tunnel, StartError> {
+        store: S,
+    ) -> Result<Tunnel<S>, StartError> {
         let server = tls::server_config(&ca, &config.server_names)?;
         let endpoint =
             quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
@@ -413,7 +416,7 @@ impl Tunnel {
         self.inner.local_addr
     }
 
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &S {
         &self.inner.store
     }
 
@@ -694,7 +697,7 @@ impl Tunnel {
     }
 }
 
-impl Inner {
+impl<S> Inner<S> {
     fn live(&self) -> MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -4,8 +4,9 @@
 #![allow(clippy::unwrap_used, dead_code)]
 
 use controller::ca::Ca;
+use controller::store::{FleetStore, Store};
 use controller::tunnel::tls::client_config;
-use controller::tunnel::{create_enroll_token, Tunnel, TunnelConfig, TunnelEvent};
+use controller::tunnel::{create_enroll_token, Tunnel, TunnelConfig, TunnelEvent, STORE_FILE};
 use protocol::document::DocumentType;
 use protocol::kkt::{FfdVersion, FiscalResult, Hello, LINK_VERSION, MODEL};
 use protocol::tunnel::{
@@ -17,6 +18,7 @@ use rcgen::{CertificateParams, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -33,20 +35,31 @@ pub fn init() {
         .try_init();
 }
 
-pub struct Controller {
+pub struct Controller<S: FleetStore = Store> {
     pub dir: tempfile::TempDir,
-    pub tunnel: Tunnel,
+    pub tunnel: Tunnel<S>,
+    /// The redb store underneath, for what only an operator does (enrollment tokens).
+    pub store: Store,
 }
 
 pub async fn start() -> Controller {
+    start_over(|store| store).await
+}
+
+/// A tunnel whose store is `wrap` of the redb store (see `fleet_store.rs`).
+pub async fn start_over<S: FleetStore>(wrap: impl FnOnce(Store) -> S) -> Controller<S> {
     init();
     let dir = tempfile::tempdir().unwrap();
     let config = TunnelConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
-    let tunnel = Tunnel::start(config).await.unwrap();
-    Controller { dir, tunnel }
+    let ca = Arc::new(Ca::open_or_create(dir.path()).unwrap());
+    let store = Store::open(&dir.path().join(STORE_FILE)).unwrap();
+    let tunnel = Tunnel::start_with(config, ca, wrap(store.clone()))
+        .await
+        .unwrap();
+    Controller { dir, tunnel, store }
 }
 
-impl Controller {
+impl<S: FleetStore> Controller<S> {
     pub fn addr(&self) -> SocketAddr {
         self.tunnel.local_addr()
     }
@@ -58,7 +71,7 @@ impl Controller {
 
     pub async fn token(&self) -> String {
         create_enroll_token(
-            self.tunnel.store(),
+            &self.store,
             self.tunnel.ca().fingerprint(),
             Duration::from_secs(60),
         )
@@ -341,7 +354,11 @@ pub async fn wait_for(
 }
 
 /// Enrolls, connects, says hello and attaches `zn`; waits until the register is online.
-pub async fn online_agent(c: &Controller, name: &str, zn: &str) -> (Credentials, FakeAgent) {
+pub async fn online_agent<S: FleetStore>(
+    c: &Controller<S>,
+    name: &str,
+    zn: &str,
+) -> (Credentials, FakeAgent) {
     let mut events = c.tunnel.subscribe();
     let creds = c.enroll_agent(name).await;
     let mut agent = connect(c.addr(), c.ca_der(), Some(&creds)).await.unwrap();
