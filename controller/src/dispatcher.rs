@@ -428,6 +428,13 @@ async fn dispatch<S: FleetStore>(inner: &Arc<Inner<S>>, job: String, kkt: String
                 _ => false,
             };
             warn!(job, kkt, error = %e, "dispatch did not happen");
+            // The tunnel is the authority on who is online. A register it does not have leaves
+            // the pool until it attaches again (its KktAttached comes after this check, see
+            // `Tunnel` events), or the job would go straight back to it in a busy loop.
+            if matches!(e, DispatchError::KktOffline(_)) && inner.tunnel.online_kkt(&kkt).is_none()
+            {
+                inner.lock().offline(&kkt);
+            }
             let again = if back {
                 inner
                     .store

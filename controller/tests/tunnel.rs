@@ -689,3 +689,29 @@ async fn a_register_held_by_one_agent_is_not_taken_by_another_until_let_go() {
     // K1 went offline with B (it is not A's).
     assert!(c.tunnel.online_kkt("K1").is_none());
 }
+
+/// A new connection of the same agent supersedes the old one, and the registers the old one had
+/// attached are reported detached at once: subscribers (the dispatcher) must not keep them in
+/// the pool until the new connection attaches them again, or every dispatch to them fails and is
+/// retried in a busy loop (the long fault run found this).
+#[tokio::test]
+async fn a_superseded_connection_detaches_its_registers() {
+    let c = start().await;
+    let mut events = c.tunnel.subscribe();
+    let (creds, _old) = online_agent(&c, "shelf", "K1").await;
+    let mut new = connect(c.addr(), c.ca_der(), Some(&creds)).await.unwrap();
+    new.hello(1, JournalSummary::default()).await;
+    wait_for(
+        &mut events,
+        |e| matches!(e, TunnelEvent::KktDetached { kkt, .. } if kkt == "K1"),
+    )
+    .await;
+    assert!(c.tunnel.online_kkt("K1").is_none());
+    new.attach("K1").await;
+    wait_for(
+        &mut events,
+        |e| matches!(e, TunnelEvent::KktAttached { kkt, .. } if kkt == "K1"),
+    )
+    .await;
+    assert_eq!(c.tunnel.online_kkt("K1").unwrap().agent, creds.agent_id);
+}

@@ -253,6 +253,20 @@ pub mod system {
         pub data: PathBuf,
     }
 
+    /// Where a child's stderr goes: `$FAULT_LOGS/<name>.log` (appended across restarts) when
+    /// that variable names a directory, so a failing seed can be read afterwards; else nowhere.
+    pub fn child_log(name: &str) -> anyhow::Result<Stdio> {
+        let Some(dir) = std::env::var_os("FAULT_LOGS") else {
+            return Ok(Stdio::null());
+        };
+        std::fs::create_dir_all(&dir)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Path::new(&dir).join(format!("{name}.log")))?;
+        Ok(Stdio::from(file))
+    }
+
     impl AgentProcess {
         /// Starts `agent run`; `kkt_listen` keeps the register port across restarts.
         pub fn spawn(
@@ -267,7 +281,7 @@ pub mod system {
                 .arg("--data")
                 .arg(data)
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null());
+                .stderr(child_log("agent")?);
             for (k, v) in env {
                 cmd.env(k, v);
             }

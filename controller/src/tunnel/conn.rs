@@ -245,11 +245,12 @@ async fn serve_tunnel<S: FleetStore>(inner: Arc<Inner<S>>, conn: Connection) {
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Supersede an older connection of this agent before reconciling (see the invariants).
-    let old = {
+    let (old, gone) = {
         let mut live = inner.live();
         let old = live.agents.remove(&agent);
+        let mut gone: Vec<String> = Vec::new();
         if let Some(old) = &old {
-            let gone: Vec<String> = live
+            gone = live
                 .kkts
                 .iter()
                 .filter(|(_, k)| k.conn_id == old.conn_id)
@@ -259,8 +260,17 @@ async fn serve_tunnel<S: FleetStore>(inner: Arc<Inner<S>>, conn: Connection) {
                 live.kkts.remove(zn);
             }
         }
-        old
+        (old, gone)
     };
+    // Subscribers must hear that these registers are gone: the dispatcher would otherwise keep
+    // them in its pool until the new connection attaches them again, and every dispatch to one
+    // would fail ("not online") and be retried at once.
+    for kkt in gone {
+        inner.emit(TunnelEvent::KktDetached {
+            agent: agent.clone(),
+            kkt,
+        });
+    }
     if let Some(old) = old {
         info!(agent, "new connection supersedes the previous one");
         old.conn.close(
