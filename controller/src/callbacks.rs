@@ -185,7 +185,9 @@ pub fn start<L: Ledger + Clone + 'static>(
                 return;
             }
         };
-        let mut running: JoinSet<(u64, String)> = JoinSet::new();
+        let mut running: JoinSet<()> = JoinSet::new();
+        // Task → (callback, host), so that a send that panicked frees its slots too.
+        let mut tasks: HashMap<tokio::task::Id, (u64, String)> = HashMap::new();
         let mut in_flight: HashSet<u64> = HashSet::new();
         let mut per_host: HashMap<String, usize> = HashMap::new();
         loop {
@@ -213,18 +215,25 @@ pub fn start<L: Ledger + Clone + 'static>(
                             in_flight.insert(id);
                             let (client, store, metrics) =
                                 (client.clone(), store.clone(), metrics.clone());
-                            running.spawn(async move {
+                            let task = running.spawn(async move {
                                 send(&client, &store, &metrics, allow_private, id, cb).await;
-                                (id, host)
                             });
+                            tasks.insert(task.id(), (id, host));
                         }
                     }
                     Err(e) => warn!(error = %e, "cannot read owed callbacks"),
                 }
             }
             tokio::select! {
-                Some(done) = running.join_next(), if !running.is_empty() => {
-                    if let Ok((id, host)) = done {
+                Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                    let task = match &done {
+                        Ok((task, ())) => *task,
+                        Err(e) => {
+                            warn!(error = %e, "a callback send failed unexpectedly; it will be retried");
+                            e.id()
+                        }
+                    };
+                    if let Some((id, host)) = tasks.remove(&task) {
                         in_flight.remove(&id);
                         if let Some(n) = per_host.get_mut(&host) {
                             *n -= 1;
