@@ -5,10 +5,13 @@
 //! Nothing sleeps: waits are on channels or real requests, with [`WAIT`] as a safety net.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::routing::post;
 use axum::Router;
+use common::receipt;
 use controller::admin::{self, AdminState, ADMIN_SECRET_FILE};
 use controller::api::{self, ApiConfig, ApiState, MAX_BODY};
 use controller::server::{Server, ServerConfig};
@@ -284,22 +287,6 @@ impl Env {
     fn depth(&self, inn: &str) -> usize {
         self.server.dispatcher.depth(inn)
     }
-}
-
-/// The minimal payload CMS modules send.
-fn receipt(inn: &str, invoice: &str) -> Value {
-    json!({"Request": {
-        "Inn": inn,
-        "Type": "Income",
-        "InvoiceId": invoice,
-        "LocalDate": "2026-12-04T10:15:00",
-        "CustomerReceipt": {
-            "TaxationSystem": "Common",
-            "Email": "buyer@example.com",
-            "Phone": "+79991234567",
-            "Items": [{"Label": "Молоко 3,2%", "Price": 89.9, "Quantity": 2, "Amount": 179.8, "Vat": "Vat10"}]
-        }
-    }})
 }
 
 /// What clients do with a 1019 message: the regex `--([a-f0-9-]+)--`, first match.

@@ -175,22 +175,6 @@ fn ready_state(zn: &str, inn: &str) -> KktState {
     s
 }
 
-/// The minimal payload CMS modules send.
-fn receipt(inn: &str, invoice: &str) -> Value {
-    json!({"Request": {
-        "Inn": inn,
-        "Type": "Income",
-        "InvoiceId": invoice,
-        "LocalDate": "2026-12-04T10:15:00",
-        "CustomerReceipt": {
-            "TaxationSystem": "Common",
-            "Email": "buyer@example.com",
-            "Phone": "+79991234567",
-            "Items": [{"Label": "Молоко 3,2%", "Price": 89.9, "Quantity": 2, "Amount": 179.8, "Vat": "Vat10"}]
-        }
-    }})
-}
-
 /// Collects events until one matches `last` (included).
 async fn events_until(
     rx: &mut broadcast::Receiver<TunnelEvent>,

@@ -17,6 +17,7 @@ use protocol::tunnel::{
 use rcgen::{CertificateParams, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -419,4 +420,20 @@ pub fn kkt_state(zn: &str) -> protocol::tunnel::KktState {
             ofd: None,
         },
     }
+}
+
+/// A Ferma create-receipt body: the minimal payload CMS modules send.
+pub fn receipt(inn: &str, invoice: &str) -> Value {
+    json!({"Request": {
+        "Inn": inn,
+        "Type": "Income",
+        "InvoiceId": invoice,
+        "LocalDate": "2026-12-04T10:15:00",
+        "CustomerReceipt": {
+            "TaxationSystem": "Common",
+            "Email": "buyer@example.com",
+            "Phone": "+79991234567",
+            "Items": [{"Label": "Молоко 3,2%", "Price": 89.9, "Quantity": 2, "Amount": 179.8, "Vat": "Vat10"}]
+        }
+    }})
 }
